@@ -1,0 +1,132 @@
+//! keybroker's key sources behind one trait.
+//!
+//! A [`KeyRef`] names a key (`/path/cosign.key`, `env://VAR`, `awskms:///alias/x`, …);
+//! [`open`] turns it into an `Arc<dyn KeyProvider>`. Every provider signs a SHA-256
+//! digest and returns an ASN.1 DER ECDSA P-256 signature, and reports its public key
+//! as PEM. This crate knows nothing of gRPC, registries or policy: a test can drive
+//! it alone. Key bytes never leave it.
+
+#![warn(missing_docs)]
+
+pub mod cosign_key;
+pub mod ecdsa;
+mod env;
+mod error;
+mod file;
+pub mod keyref;
+pub mod pem;
+
+use std::{fmt, sync::Arc};
+
+pub use ecdsa::{P256Signer, Password};
+pub use env::EnvKey;
+pub use error::{Error, Result};
+pub use file::FileKey;
+pub use keyref::{KeyRef, SCHEMES};
+
+/// The only signature algorithm keybroker produces today.
+pub const ALGORITHM: &str = "ecdsa-p256-sha256";
+
+/// A SHA-256 digest: exactly 32 bytes, checked at construction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Sha256Digest([u8; 32]);
+
+impl Sha256Digest {
+    /// Hashes `data`.
+    pub fn of(data: &[u8]) -> Self {
+        use sha2::Digest as _;
+        Sha256Digest(sha2::Sha256::digest(data).into())
+    }
+    /// The digest bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl TryFrom<&[u8]> for Sha256Digest {
+    type Error = Error;
+    fn try_from(bytes: &[u8]) -> Result<Self> {
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "digest must be 32 bytes (SHA-256), got {}",
+                bytes.len()
+            ))
+        })?;
+        Ok(Sha256Digest(arr))
+    }
+}
+
+impl fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+/// A signature and the key version that made it.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    /// ASN.1 DER ECDSA signature.
+    pub der: Vec<u8>,
+    /// Backend key version ("" when the backend has none).
+    pub key_version: String,
+}
+
+/// A public key and its version.
+#[derive(Debug, Clone)]
+pub struct PublicKey {
+    /// PEM `PUBLIC KEY` (SPKI).
+    pub pem: String,
+    /// Backend key version ("" when the backend has none).
+    pub key_version: String,
+}
+
+/// What a provider can do, so callers can explain instead of failing obscurely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Can sign digests.
+    pub sign: bool,
+    /// Can report its public key.
+    pub public_key: bool,
+}
+
+/// One key, wherever it lives.
+#[async_trait::async_trait]
+pub trait KeyProvider: Send + Sync + fmt::Debug {
+    /// A stable, non-secret identifier (path, ARN, transit key name …).
+    fn key_id(&self) -> &str;
+    /// What this provider supports.
+    fn capabilities(&self) -> Capabilities;
+    /// Signs a SHA-256 digest; ASN.1 DER ECDSA P-256.
+    async fn sign_digest(&self, digest: &Sha256Digest) -> Result<Signature>;
+    /// The public key (PEM SPKI).
+    async fn public_key(&self) -> Result<PublicKey>;
+}
+
+/// How to open a key: secrets the reference itself does not carry.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Password for an encrypted key. `None`: the key must be unencrypted.
+    pub password: Option<Password>,
+}
+
+/// Opens the key a reference names.
+pub async fn open(key_ref: &KeyRef, options: &OpenOptions) -> Result<Arc<dyn KeyProvider>> {
+    match key_ref {
+        KeyRef::File(path) => Ok(Arc::new(FileKey::open(path, options.password.as_ref())?)),
+        KeyRef::Env(var) => Ok(Arc::new(EnvKey::open(var, options.password.as_ref())?)),
+        other => {
+            let scheme = other.scheme();
+            let hint = SCHEMES
+                .iter()
+                .find(|s| s.name == scheme)
+                .and_then(|s| s.feature)
+                .map(|f| format!(" (it needs keybroker-providers' cargo feature \"{f}\", which is not implemented yet)"))
+                .unwrap_or_default();
+            Err(Error::NotBuilt { scheme, hint })
+        }
+    }
+}
