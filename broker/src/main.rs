@@ -1,1 +1,154 @@
-fn main() {}
+//! keybrokerd: signs for callers who never hold a key.
+
+use std::{
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use clap::Parser;
+use keybroker_broker::{build_state, config, harden_process, listen, serve};
+use keybroker_providers::{pem, P256Signer};
+
+/// The keybroker signing daemon.
+///
+/// Serves the keybroker.v1 gRPC API on a unix socket. Keys and policy come from a
+/// TOML config; without one, keybrokerd runs on an embedded default: a dev key in
+/// its data directory and a rule that lets the current user sign with it.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Config file (TOML). Default: the embedded developer default.
+    #[arg(long, short, env = "KEYBROKERD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate this config file (keys included) and exit.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+    /// Override the socket path of the config.
+    #[arg(long, env = "KEYBROKER_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    harden_process();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keybrokerd: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYBROKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if let Some(path) = &args.check_config {
+        let cfg = config::Config::load(path)?;
+        build_state(&cfg).await?;
+        println!(
+            "{}: ok ({} keys, {} policy rules)",
+            path.display(),
+            cfg.keys.len(),
+            cfg.policy.len()
+        );
+        return Ok(());
+    }
+    let mut cfg = match &args.config {
+        Some(path) => config::Config::load(path)?,
+        None => embedded_default()?,
+    };
+    if let Some(socket) = args.socket {
+        cfg.server.socket = Some(socket);
+    }
+    if cfg.server.audit_log.is_some() {
+        tracing::warn!("server.audit_log is set but the audit log is not implemented yet; no audit records are written");
+    }
+    let state = Arc::new(build_state(&cfg).await?);
+    let socket_path = cfg.socket_path();
+    let (listener, _guard) = listen::bind_unix(
+        &socket_path,
+        cfg.socket_mode(),
+        cfg.server.socket_group.as_deref(),
+    )?;
+    tracing::info!(socket = %socket_path.display(), keys = state.keys.len(), "keybrokerd serving");
+    serve(listener, state, cfg.max_request_bytes(), shutdown_signal()).await?;
+    tracing::info!("keybrokerd stopped");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT: stop accepting, let in-flight requests finish.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop keybrokerd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// The embedded default config, creating the dev key (0600, in a 0700 data dir)
+/// on first start.
+fn embedded_default() -> Result<config::Config, String> {
+    let data_dir = keybroker_proto::default_data_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data_dir)
+        .map_err(|e| format!("creating data dir {}: {e}", data_dir.display()))?;
+    let key_path = data_dir.join(config::DEV_KEY_FILE);
+    if !key_path.exists() {
+        write_dev_key(&key_path)?;
+        tracing::info!(key = %key_path.display(), "generated a dev signing key (embedded default)");
+    }
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    Ok(config::Config::embedded_default(&data_dir, uid))
+}
+
+fn write_dev_key(path: &Path) -> Result<(), String> {
+    use std::io::Write;
+    let (_, der) = P256Signer::generate().map_err(|e| e.to_string())?;
+    let text = zeroize::Zeroizing::new(pem::encode("PRIVATE KEY", &der));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}

@@ -1,5 +1,7 @@
-//! The keybroker.v1 gRPC API: generated types, client and server.
-//! Nothing but generated code lives here (see ARCHITECTURE.md).
+//! The keybroker.v1 gRPC API: generated types, client and server, plus the one
+//! fact client and daemon must agree on without talking: where the socket is.
+
+use std::path::PathBuf;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
@@ -8,4 +10,28 @@ pub mod v1 {
     /// Encoded file descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("keybroker_descriptor");
+}
+
+/// Environment variable naming the daemon's socket (as `SSH_AUTH_SOCK` does for ssh-agent).
+pub const SOCKET_ENV: &str = "KEYBROKER_SOCKET";
+
+/// Where the daemon keeps its state when run without a config file:
+/// `$XDG_DATA_HOME/keybroker`, else `~/.local/share/keybroker`, else `/var/lib/keybroker`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("keybroker");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".local/share/keybroker");
+    }
+    PathBuf::from("/var/lib/keybroker")
+}
+
+/// The socket the daemon serves on by default and the client tries by default:
+/// `$XDG_RUNTIME_DIR/keybroker/keybroker.sock`, else `<data dir>/keybroker.sock`.
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("keybroker/keybroker.sock"),
+        None => default_data_dir().join("keybroker.sock"),
+    }
 }

@@ -1,0 +1,239 @@
+//! The daemon's TOML config (DESIGN.md §6) and the embedded default used when
+//! no file is given. Unknown keys are an error, not silently ignored.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener and state settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Keys by alias: `[keys.NAME] ref = "…"`.
+    #[serde(default)]
+    pub keys: BTreeMap<String, KeyConfig>,
+    /// Policy rules; none means nobody may sign (default deny).
+    #[serde(default)]
+    pub policy: Vec<RuleConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Unix socket path; default: `keybroker_proto::default_socket_path()`.
+    pub socket: Option<PathBuf>,
+    /// Socket permission bits as an octal string; default "0660".
+    pub socket_mode: Option<String>,
+    /// Group that owns the socket (members may connect).
+    pub socket_group: Option<String>,
+    /// Data directory (dev key of the embedded default); default `keybroker_proto::default_data_dir()`.
+    pub data_dir: Option<PathBuf>,
+    /// Audit log path. Accepted for forward compatibility; the audit log is not built yet.
+    pub audit_log: Option<PathBuf>,
+    /// Largest request accepted, bytes; default 64 KiB.
+    pub max_request_bytes: Option<usize>,
+}
+
+/// `[keys.NAME]`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Key reference (DESIGN.md §4).
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// Environment variable holding the password of an encrypted key.
+    pub password_env: Option<String>,
+    /// File holding the password of an encrypted key (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only names of where secrets live, never the secrets.
+        f.debug_struct("KeyConfig")
+            .field("ref", &self.reference)
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+/// `[[policy]]`: who may sign with which keys, for which images.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// `uid:N`, `gid:N`, or `*`.
+    pub callers: Vec<String>,
+    /// Key aliases, or `*`.
+    pub keys: Vec<String>,
+    /// Repository globs (`*` within a path segment, `**` across segments). Empty: none.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Annotations every SignImage request must carry.
+    #[serde(default)]
+    pub require_annotations: Vec<String>,
+    /// Whether raw `Sign` of an arbitrary digest is allowed.
+    #[serde(default)]
+    pub allow_raw_digest: bool,
+}
+
+impl Config {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (alias, key) in &self.keys {
+            keybroker_providers::KeyRef::parse(&key.reference)
+                .map_err(|e| format!("[keys.{alias}]: {e}"))?;
+            if key.password_env.is_some() && key.password_file.is_some() {
+                return Err(format!(
+                    "[keys.{alias}]: set password_env or password_file, not both"
+                ));
+            }
+        }
+        for (i, rule) in self.policy.iter().enumerate() {
+            for k in &rule.keys {
+                if k != "*" && !self.keys.contains_key(k) {
+                    return Err(format!(
+                        "[[policy]] #{}: key {k:?} is not defined under [keys]",
+                        i + 1
+                    ));
+                }
+            }
+            for c in &rule.callers {
+                crate::policy::CallerMatcher::parse(c)
+                    .map_err(|e| format!("[[policy]] #{}: {e}", i + 1))?;
+            }
+        }
+        if let Some(mode) = &self.server.socket_mode {
+            parse_mode(mode)?;
+        }
+        Ok(())
+    }
+
+    /// The socket permission bits.
+    pub fn socket_mode(&self) -> u32 {
+        self.server
+            .socket_mode
+            .as_deref()
+            .and_then(|m| parse_mode(m).ok())
+            .unwrap_or(0o660)
+    }
+
+    /// The socket path.
+    pub fn socket_path(&self) -> PathBuf {
+        self.server
+            .socket
+            .clone()
+            .unwrap_or_else(keybroker_proto::default_socket_path)
+    }
+
+    /// The largest request accepted.
+    pub fn max_request_bytes(&self) -> usize {
+        self.server.max_request_bytes.unwrap_or(64 * 1024)
+    }
+
+    /// The embedded default: one dev key in `data_dir`, and a rule letting `uid`
+    /// sign anything with it (raw digests included). Meant for a developer's machine.
+    pub fn embedded_default(data_dir: &Path, uid: u32) -> Self {
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            "dev".to_string(),
+            KeyConfig {
+                reference: data_dir.join(DEV_KEY_FILE).display().to_string(),
+                password_env: None,
+                password_file: None,
+            },
+        );
+        Config {
+            server: ServerConfig {
+                data_dir: Some(data_dir.to_path_buf()),
+                socket_mode: Some("0600".into()),
+                ..Default::default()
+            },
+            keys,
+            policy: vec![RuleConfig {
+                callers: vec![format!("uid:{uid}")],
+                keys: vec!["*".into()],
+                images: vec!["**".into()],
+                require_annotations: vec![],
+                allow_raw_digest: true,
+            }],
+        }
+    }
+}
+
+/// File name of the embedded default's dev key inside the data dir.
+pub const DEV_KEY_FILE: &str = "dev-signing.key";
+
+fn parse_mode(mode: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("socket_mode {mode:?} is not an octal mode like \"0660\""))?;
+    if m > 0o777 {
+        return Err(format!("socket_mode {mode:?} is out of range"));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_design_example() {
+        let c = Config::parse(
+            r#"
+            [server]
+            socket = "/run/keybroker/keybroker.sock"
+            socket_group = "keybroker"
+            audit_log = "/var/lib/keybroker/audit.jsonl"
+
+            [keys.release]
+            ref = "awskms:///alias/release-signing"
+
+            [[policy]]
+            callers = ["uid:1001", "gid:2000"]
+            keys = ["release"]
+            images = ["registry.example.com/app/*"]
+            require_annotations = ["commit", "repo"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.keys["release"].reference,
+            "awskms:///alias/release-signing"
+        );
+        assert_eq!(c.socket_mode(), 0o660);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_dangling_keys() {
+        assert!(Config::parse("[server]\nsokcet = \"/x\"")
+            .unwrap_err()
+            .contains("sokcet"));
+        let err = Config::parse("[[policy]]\ncallers=[\"uid:1\"]\nkeys=[\"nope\"]").unwrap_err();
+        assert!(err.contains("nope"), "{err}");
+        let err = Config::parse("[keys.a]\nref=\"azure://x\"").unwrap_err();
+        assert!(err.contains("unknown key scheme"), "{err}");
+        let err = Config::parse("[[policy]]\ncallers=[\"root\"]\nkeys=[]").unwrap_err();
+        assert!(err.contains("root"), "{err}");
+    }
+}

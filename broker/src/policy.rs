@@ -1,0 +1,324 @@
+//! Policy: caller × key alias × image repository × required annotations × raw
+//! digests. Default deny. A denial names the rule family that failed, never the
+//! other rules. This is the seam the full policy engine (issue 6) grows from.
+
+use std::collections::BTreeMap;
+
+use crate::{config::RuleConfig, identity::Caller};
+
+/// Who a rule admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallerMatcher {
+    /// Any authenticated caller.
+    Any,
+    /// A uid.
+    Uid(u32),
+    /// A gid (the peer's effective gid).
+    Gid(u32),
+}
+
+impl CallerMatcher {
+    /// Parses `uid:N`, `gid:N` or `*`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("caller {s:?}: expected \"uid:N\", \"gid:N\" or \"*\"");
+        if s == "*" {
+            return Ok(CallerMatcher::Any);
+        }
+        let (kind, n) = s.split_once(':').ok_or_else(bad)?;
+        let n: u32 = n.parse().map_err(|_| bad())?;
+        match kind {
+            "uid" => Ok(CallerMatcher::Uid(n)),
+            "gid" => Ok(CallerMatcher::Gid(n)),
+            _ => Err(bad()),
+        }
+    }
+
+    fn matches(&self, c: &Caller) -> bool {
+        match self {
+            CallerMatcher::Any => true,
+            CallerMatcher::Uid(u) => c.uid == *u,
+            CallerMatcher::Gid(g) => c.gid == *g,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    callers: Vec<CallerMatcher>,
+    keys: Vec<String>,
+    images: Vec<String>,
+    require_annotations: Vec<String>,
+    allow_raw_digest: bool,
+}
+
+impl Rule {
+    fn admits_caller(&self, c: &Caller) -> bool {
+        self.callers.iter().any(|m| m.matches(c))
+    }
+    fn admits_key(&self, key: &str) -> bool {
+        self.keys.iter().any(|k| k == "*" || k == key)
+    }
+    fn admits_image(&self, image: &str) -> bool {
+        self.images
+            .iter()
+            .any(|g| glob_match(g.as_bytes(), image.as_bytes()))
+    }
+}
+
+/// What the caller wants to do.
+#[derive(Debug)]
+pub enum Action<'a> {
+    /// SignImage.
+    SignImage {
+        /// Key alias.
+        key: &'a str,
+        /// Repository (docker-reference).
+        image: &'a str,
+        /// Client annotations.
+        annotations: &'a BTreeMap<String, String>,
+    },
+    /// Raw digest Sign.
+    SignDigest {
+        /// Key alias.
+        key: &'a str,
+    },
+}
+
+/// Why a request was refused: the rule family that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// No rule names this caller.
+    #[error("no policy rule admits caller {0}")]
+    Caller(String),
+    /// No rule for this caller names the key.
+    #[error("policy does not let this caller use key {0:?}")]
+    Key(String),
+    /// No rule for caller and key covers the image.
+    #[error("policy does not let this caller sign {image} with key {key:?}")]
+    Image {
+        /// Repository.
+        image: String,
+        /// Key alias.
+        key: String,
+    },
+    /// Every matching rule requires annotations the request lacks.
+    #[error("missing required annotation(s): {0}")]
+    Annotations(String),
+    /// Raw digests are not allowed for this key.
+    #[error("raw digest signing is not allowed for key {0:?} (policy: allow_raw_digest)")]
+    RawDigest(String),
+}
+
+/// The compiled policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Compiles validated config rules.
+    pub fn new(rules: &[RuleConfig]) -> Result<Self, String> {
+        let rules = rules
+            .iter()
+            .map(|r| {
+                Ok(Rule {
+                    callers: r
+                        .callers
+                        .iter()
+                        .map(|c| CallerMatcher::parse(c))
+                        .collect::<Result<_, _>>()?,
+                    keys: r.keys.clone(),
+                    images: r.images.clone(),
+                    require_annotations: r.require_annotations.clone(),
+                    allow_raw_digest: r.allow_raw_digest,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Policy { rules })
+    }
+
+    /// Allows or denies; the first family that no rule satisfies is reported.
+    pub fn check(&self, caller: &Caller, action: &Action<'_>) -> Result<(), Denied> {
+        let for_caller: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.admits_caller(caller))
+            .collect();
+        if for_caller.is_empty() {
+            return Err(Denied::Caller(caller.to_string()));
+        }
+        let key = match action {
+            Action::SignImage { key, .. } | Action::SignDigest { key } => *key,
+        };
+        let for_key: Vec<&Rule> = for_caller
+            .into_iter()
+            .filter(|r| r.admits_key(key))
+            .collect();
+        if for_key.is_empty() {
+            return Err(Denied::Key(key.to_string()));
+        }
+        match action {
+            Action::SignDigest { key } => {
+                if for_key.iter().any(|r| r.allow_raw_digest) {
+                    Ok(())
+                } else {
+                    Err(Denied::RawDigest(key.to_string()))
+                }
+            }
+            Action::SignImage {
+                key,
+                image,
+                annotations,
+            } => {
+                let for_image: Vec<&Rule> = for_key
+                    .into_iter()
+                    .filter(|r| r.admits_image(image))
+                    .collect();
+                if for_image.is_empty() {
+                    return Err(Denied::Image {
+                        image: image.to_string(),
+                        key: key.to_string(),
+                    });
+                }
+                let mut missing_best: Option<Vec<&str>> = None;
+                for r in for_image {
+                    let missing: Vec<&str> = r
+                        .require_annotations
+                        .iter()
+                        .filter(|a| !annotations.contains_key(a.as_str()))
+                        .map(String::as_str)
+                        .collect();
+                    if missing.is_empty() {
+                        return Ok(());
+                    }
+                    if missing_best
+                        .as_ref()
+                        .is_none_or(|m| missing.len() < m.len())
+                    {
+                        missing_best = Some(missing);
+                    }
+                }
+                Err(Denied::Annotations(
+                    missing_best.unwrap_or_default().join(", "),
+                ))
+            }
+        }
+    }
+
+    /// Whether any rule lets this caller use the key (for ListKeys).
+    pub fn may_use_key(&self, caller: &Caller, key: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.admits_caller(caller) && r.admits_key(key))
+    }
+}
+
+/// Glob over repository names: `*` matches within one path segment, `**` across.
+fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    match pat {
+        [] => s.is_empty(),
+        [b'*', b'*', rest @ ..] => (0..=s.len()).any(|i| glob_match(rest, &s[i..])),
+        [b'*', rest @ ..] => {
+            let seg_end = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
+            (0..=seg_end).any(|i| glob_match(rest, &s[i..]))
+        }
+        [c, rest @ ..] => s.first() == Some(c) && glob_match(rest, &s[1..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(
+        callers: &[&str],
+        keys: &[&str],
+        images: &[&str],
+        req: &[&str],
+        raw: bool,
+    ) -> RuleConfig {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect();
+        RuleConfig {
+            callers: v(callers),
+            keys: v(keys),
+            images: v(images),
+            require_annotations: v(req),
+            allow_raw_digest: raw,
+        }
+    }
+    fn caller(uid: u32, gid: u32) -> Caller {
+        Caller {
+            uid,
+            gid,
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn globs_respect_path_segments() {
+        assert!(glob_match(
+            b"reg.example.com/app/*",
+            b"reg.example.com/app/api"
+        ));
+        assert!(!glob_match(
+            b"reg.example.com/app/*",
+            b"reg.example.com/app/api/sub"
+        ));
+        assert!(glob_match(
+            b"reg.example.com/**",
+            b"reg.example.com/app/api/sub"
+        ));
+        assert!(!glob_match(
+            b"reg.example.com/app/*",
+            b"reg.example.com/other/api"
+        ));
+        assert!(glob_match(b"**", b"anything/at/all"));
+    }
+
+    #[test]
+    fn default_deny_and_denials_name_the_family() {
+        let empty = BTreeMap::new();
+        let p = Policy::new(&[]).unwrap();
+        let a = Action::SignDigest { key: "k" };
+        assert!(matches!(p.check(&caller(1, 1), &a), Err(Denied::Caller(_))));
+
+        let p = Policy::new(&[rule(
+            &["uid:1001", "gid:2000"],
+            &["release"],
+            &["reg/app/*"],
+            &["commit"],
+            false,
+        )])
+        .unwrap();
+        let sign = |key, image, ann| Action::SignImage {
+            key,
+            image,
+            annotations: ann,
+        };
+        assert!(matches!(
+            p.check(&caller(5, 5), &sign("release", "reg/app/x", &empty)),
+            Err(Denied::Caller(_))
+        ));
+        assert!(matches!(
+            p.check(&caller(5, 2000), &sign("dev", "reg/app/x", &empty)),
+            Err(Denied::Key(_))
+        ));
+        assert!(matches!(
+            p.check(&caller(1001, 1), &sign("release", "reg/other/x", &empty)),
+            Err(Denied::Image { .. })
+        ));
+        assert_eq!(
+            p.check(&caller(1001, 1), &sign("release", "reg/app/x", &empty)),
+            Err(Denied::Annotations("commit".into()))
+        );
+        let ann = BTreeMap::from([("commit".to_string(), "abc".to_string())]);
+        assert_eq!(
+            p.check(&caller(1001, 1), &sign("release", "reg/app/x", &ann)),
+            Ok(())
+        );
+        assert!(matches!(
+            p.check(&caller(1001, 1), &Action::SignDigest { key: "release" }),
+            Err(Denied::RawDigest(_))
+        ));
+    }
+}

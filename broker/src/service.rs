@@ -1,0 +1,188 @@
+//! The gRPC service: translate proto ↔ domain, ask policy, call the provider.
+//! No business logic beyond that.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use keybroker_proto::v1::{
+    key_broker_server::KeyBroker, KeyInfo, ListKeysRequest, ListKeysResponse, PublicKeyRequest,
+    PublicKeyResponse, SignImageRequest, SignImageResponse, SignRequest, SignResponse,
+};
+use keybroker_providers::{Sha256Digest, ALGORITHM};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    identity::Caller,
+    keys::KeyEntry,
+    payload,
+    policy::{Action, Policy},
+    status,
+};
+
+const MAX_ALIAS_LEN: usize = 128;
+const MAX_ANNOTATIONS: usize = 64;
+const MAX_ANNOTATION_BYTES: usize = 4096;
+
+/// Immutable state shared by every request.
+#[derive(Debug)]
+pub struct State {
+    /// Keys by alias.
+    pub keys: BTreeMap<String, Arc<KeyEntry>>,
+    /// The compiled policy.
+    pub policy: Policy,
+}
+
+/// The KeyBroker service.
+#[derive(Debug, Clone)]
+pub struct BrokerService {
+    state: Arc<State>,
+}
+
+impl BrokerService {
+    /// Wraps the state.
+    pub fn new(state: Arc<State>) -> Self {
+        BrokerService { state }
+    }
+
+    fn key(&self, alias: &str) -> Result<&Arc<KeyEntry>, Status> {
+        if alias.is_empty() || alias.len() > MAX_ALIAS_LEN {
+            return Err(Status::invalid_argument(format!(
+                "key alias must be 1..={MAX_ALIAS_LEN} bytes"
+            )));
+        }
+        self.state.keys.get(alias).ok_or_else(|| {
+            Status::not_found(format!(
+                "no key {alias:?} in this broker (keybroker keys lists them)"
+            ))
+        })
+    }
+}
+
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    Caller::from_request(req)
+        .ok_or_else(|| Status::unauthenticated("caller identity unavailable (no peer credentials)"))
+}
+
+fn key_info(entry: &KeyEntry, version: String) -> KeyInfo {
+    KeyInfo {
+        alias: entry.alias.clone(),
+        key_id: entry.provider.key_id().to_string(),
+        version,
+        public_key_pem: entry.public.pem.clone(),
+        algorithm: ALGORITHM.to_string(),
+    }
+}
+
+fn deny(caller: &Caller, key: &str, d: crate::policy::Denied) -> Status {
+    tracing::warn!(%caller, exe = caller.executable().as_deref().unwrap_or("?"), key, reason = %d, "denied");
+    status::from_denied(&d)
+}
+
+#[tonic::async_trait]
+impl KeyBroker for BrokerService {
+    async fn sign_image(
+        &self,
+        req: Request<SignImageRequest>,
+    ) -> Result<Response<SignImageResponse>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let entry = self.key(&r.key)?;
+        payload::validate_docker_reference(&r.docker_reference)
+            .map_err(Status::invalid_argument)?;
+        payload::validate_manifest_digest(&r.manifest_digest).map_err(Status::invalid_argument)?;
+        if r.annotations.len() > MAX_ANNOTATIONS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_ANNOTATIONS} annotations"
+            )));
+        }
+        let mut annotations = BTreeMap::new();
+        for (k, v) in r.annotations {
+            if k.is_empty() || k.len() + v.len() > MAX_ANNOTATION_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "annotation {k:?}: empty key or over {MAX_ANNOTATION_BYTES} bytes"
+                )));
+            }
+            if k.starts_with(payload::RESERVED_PREFIX) {
+                return Err(Status::invalid_argument(format!(
+                    "annotation {k:?}: keys under {} are set by the broker, not by callers",
+                    payload::RESERVED_PREFIX
+                )));
+            }
+            annotations.insert(k, v);
+        }
+        self.state
+            .policy
+            .check(
+                &caller,
+                &Action::SignImage {
+                    key: &r.key,
+                    image: &r.docker_reference,
+                    annotations: &annotations,
+                },
+            )
+            .map_err(|d| deny(&caller, &r.key, d))?;
+        annotations.insert(
+            payload::CALLER_ANNOTATION.to_string(),
+            caller.payload_identity(),
+        );
+        let body = payload::simple_signing(&r.docker_reference, &r.manifest_digest, &annotations);
+        let sig = entry
+            .provider
+            .sign_digest(&Sha256Digest::of(&body))
+            .await
+            .map_err(|e| status::from_provider(&e))?;
+        tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, "signed image");
+        Ok(Response::new(SignImageResponse {
+            payload: body,
+            signature: sig.der,
+            key: Some(key_info(entry, sig.key_version)),
+        }))
+    }
+
+    async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let entry = self.key(&r.key)?;
+        let digest =
+            Sha256Digest::try_from(r.digest.as_slice()).map_err(|e| status::from_provider(&e))?;
+        self.state
+            .policy
+            .check(&caller, &Action::SignDigest { key: &r.key })
+            .map_err(|d| deny(&caller, &r.key, d))?;
+        let sig = entry
+            .provider
+            .sign_digest(&digest)
+            .await
+            .map_err(|e| status::from_provider(&e))?;
+        tracing::debug!(%caller, key = %r.key, ?digest, "signed digest");
+        Ok(Response::new(SignResponse {
+            signature: sig.der,
+            key: Some(key_info(entry, sig.key_version)),
+        }))
+    }
+
+    async fn public_key(
+        &self,
+        req: Request<PublicKeyRequest>,
+    ) -> Result<Response<PublicKeyResponse>, Status> {
+        // Public keys are public: any caller who can reach the socket may read them.
+        let entry = self.key(&req.get_ref().key)?;
+        Ok(Response::new(PublicKeyResponse {
+            key: Some(key_info(entry, entry.public.key_version.clone())),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        let caller = caller(&req)?;
+        let keys = self
+            .state
+            .keys
+            .values()
+            .filter(|e| self.state.policy.may_use_key(&caller, &e.alias))
+            .map(|e| key_info(e, e.public.key_version.clone()))
+            .collect();
+        Ok(Response::new(ListKeysResponse { keys }))
+    }
+}
