@@ -1,1 +1,406 @@
-fn main() {}
+//! keybroker: sign container images through keybrokerd, in cosign's format.
+
+use std::{
+    collections::HashMap,
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use futures::StreamExt;
+use keybroker_client::{
+    broker,
+    cosign::verify_image,
+    registry::{Credentials, ImageRef, Registry, RegistryOptions},
+    sign::sign_image,
+    Error,
+};
+use keybroker_proto::v1::{ListKeysRequest, PublicKeyRequest};
+use keybroker_providers::{cosign_key, open, KeyRef, OpenOptions, P256Signer, Password};
+use zeroize::Zeroizing;
+
+/// Sign container images through keybrokerd and store the signatures in the
+/// registry in cosign's format (the `sha256-<digest>.sig` tag), so cosign and
+/// other sigstore verifiers accept them. The client never holds the signing key.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ClapArgs, Debug)]
+struct Global {
+    /// keybrokerd's unix socket [default: $KEYBROKER_SOCKET, else the daemon's default path]
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Registry username (default: from docker's config.json / credential helpers)
+    #[arg(long, global = true, env = "KEYBROKER_REGISTRY_USERNAME")]
+    registry_username: Option<String>,
+    /// Registry password or token (prefer the environment variable)
+    #[arg(
+        long,
+        global = true,
+        env = "KEYBROKER_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    registry_password: Option<String>,
+    /// Speak plain HTTP to this registry host (loopback hosts always use HTTP). Repeatable.
+    #[arg(long = "plain-http", global = true, value_name = "HOST")]
+    plain_http: Vec<String>,
+    /// Print the number of registry requests made, on stderr
+    #[arg(long, global = true)]
+    stats: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Sign images with a broker key and store the signatures next to them.
+    ///
+    /// Each IMAGE is REGISTRY/REPO[:TAG][@sha256:DIGEST]; tags are resolved to the
+    /// manifest digest, which is what gets signed. Existing signatures are kept.
+    Sign {
+        /// Images to sign
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Key alias in the broker (`keybroker keys` lists them)
+        #[arg(long)]
+        key: String,
+        /// Annotation for the payload's "optional" section, KEY=VALUE. Repeatable.
+        #[arg(short = 'a', long = "annotations", value_name = "KEY=VALUE")]
+        annotations: Vec<String>,
+        /// Images signed concurrently
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+        jobs: u16,
+    },
+    /// Verify an image's signatures against a public key; prints the verified payloads as JSON.
+    Verify {
+        /// Image to verify
+        image: String,
+        /// PEM public key file, or a broker key alias
+        #[arg(long)]
+        key: String,
+    },
+    /// Print a key's public key (PEM).
+    PublicKey {
+        /// Broker key alias, or a key reference (file path, env://VAR) to read locally
+        #[arg(long)]
+        key: String,
+        /// Write to this file instead of stdout
+        #[arg(long)]
+        outfile: Option<PathBuf>,
+    },
+    /// List the broker keys this caller may use.
+    Keys,
+    /// Generate an encrypted key pair in cosign's format (cosign.key + cosign.pub).
+    ///
+    /// The password comes from COSIGN_PASSWORD, or is asked for on the terminal.
+    /// Only file output is built so far; other references say what is missing.
+    GenerateKeyPair {
+        /// Where to create the key: omitted for files in the current directory
+        reference: Option<String>,
+        /// File name prefix of the key pair
+        #[arg(long, default_value = "cosign")]
+        output_key_prefix: String,
+        /// Overwrite existing files
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keybroker: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keybroker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn registry(g: &Global) -> Result<Registry, Error> {
+    let credentials = match (&g.registry_username, &g.registry_password) {
+        (Some(u), Some(p)) => Some(Credentials {
+            username: u.clone(),
+            password: Zeroizing::new(p.clone()),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(Error::Other(
+                "--registry-username and --registry-password go together".into(),
+            ))
+        }
+    };
+    Registry::new(RegistryOptions {
+        credentials,
+        plain_http: g.plain_http.clone(),
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    let g = &cli.global;
+    let socket = broker::socket_path(g.socket.as_deref());
+    match cli.command {
+        Command::Sign {
+            images,
+            key,
+            annotations,
+            jobs,
+        } => {
+            let annotations = parse_annotations(&annotations)?;
+            let registry = Arc::new(registry(g)?);
+            let client = broker::connect(&socket).await?;
+            let result = sign_all(
+                client,
+                registry.clone(),
+                images,
+                key,
+                annotations,
+                jobs.into(),
+            )
+            .await;
+            if g.stats {
+                eprintln!("registry requests: {}", registry.request_count());
+            }
+            result
+        }
+        Command::Verify { image, key } => {
+            let registry = registry(g)?;
+            let img = ImageRef::parse(&image)?;
+            let pem = if Path::new(&key).exists() {
+                std::fs::read_to_string(&key).map_err(|e| Error::Other(format!("{key}: {e}")))?
+            } else {
+                let mut client = broker::connect(&socket).await?;
+                let info = client
+                    .public_key(PublicKeyRequest { key: key.clone() })
+                    .await?
+                    .into_inner()
+                    .key
+                    .unwrap_or_default();
+                info.public_key_pem
+            };
+            let verified = verify_image(&registry, &img, &pem).await?;
+            eprintln!("Verification for {img} --\nThe following checks were performed on each of these signatures:\n  - The signatures were verified against the specified public key");
+            let payloads: Vec<_> = verified.into_iter().map(|v| v.payload).collect();
+            println!("{}", serde_json::Value::from(payloads));
+            if g.stats {
+                eprintln!("registry requests: {}", registry.request_count());
+            }
+            Ok(())
+        }
+        Command::PublicKey { key, outfile } => {
+            let pem = if key.contains("://") || Path::new(&key).exists() {
+                let key_ref = KeyRef::parse(&key)?;
+                let password = std::env::var("COSIGN_PASSWORD").ok().map(Password::new);
+                let provider = open(&key_ref, &OpenOptions { password }).await?;
+                provider.public_key().await?.pem
+            } else {
+                let mut client = broker::connect(&socket).await?;
+                client
+                    .public_key(PublicKeyRequest { key })
+                    .await?
+                    .into_inner()
+                    .key
+                    .unwrap_or_default()
+                    .public_key_pem
+            };
+            match outfile {
+                Some(path) => std::fs::write(&path, pem)
+                    .map_err(|e| Error::Other(format!("{}: {e}", path.display()))),
+                None => {
+                    print!("{pem}");
+                    Ok(())
+                }
+            }
+        }
+        Command::Keys => {
+            let mut client = broker::connect(&socket).await?;
+            let keys = client
+                .list_keys(ListKeysRequest {})
+                .await?
+                .into_inner()
+                .keys;
+            if keys.is_empty() {
+                eprintln!("the broker's policy lets this caller use no keys");
+            }
+            for k in keys {
+                let version = if k.version.is_empty() {
+                    "-"
+                } else {
+                    &k.version
+                };
+                println!("{}\t{}\t{}\t{}", k.alias, k.algorithm, version, k.key_id);
+            }
+            Ok(())
+        }
+        Command::GenerateKeyPair {
+            reference,
+            output_key_prefix,
+            force,
+        } => generate_key_pair(reference.as_deref(), &output_key_prefix, force).await,
+    }
+}
+
+fn parse_annotations(raw: &[String]) -> Result<HashMap<String, String>, Error> {
+    raw.iter()
+        .map(|a| {
+            a.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| Error::Other(format!("annotation {a:?} must be KEY=VALUE")))
+        })
+        .collect()
+}
+
+async fn sign_all(
+    client: keybroker_proto::v1::key_broker_client::KeyBrokerClient<tonic::transport::Channel>,
+    registry: Arc<Registry>,
+    images: Vec<String>,
+    key: String,
+    annotations: HashMap<String, String>,
+    jobs: usize,
+) -> Result<(), Error> {
+    let progress = (images.len() > 1 && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(images.len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} signed  {elapsed}  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    let total = images.len();
+    let mut results = futures::stream::iter(images.into_iter().map(|image| {
+        let mut client = client.clone();
+        let registry = registry.clone();
+        let key = key.clone();
+        let annotations = annotations.clone();
+        async move {
+            let r = sign_image(&mut client, &registry, &image, &key, &annotations).await;
+            (image, r)
+        }
+    }))
+    .buffer_unordered(jobs);
+    let mut failed = 0usize;
+    while let Some((image, r)) = results.next().await {
+        let line = match &r {
+            Ok(s) if s.written => format!("signed {} with {}", s.image, s.key_id),
+            Ok(s) => format!(
+                "{} already carries this signature; nothing written",
+                s.image
+            ),
+            Err(e) => {
+                failed += 1;
+                format!("{image}: {e}")
+            }
+        };
+        match &progress {
+            Some(pb) => {
+                pb.inc(1);
+                pb.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+        if let Ok(s) = r {
+            println!("{}", s.image);
+        }
+    }
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    match failed {
+        0 => Ok(()),
+        n if total == 1 => Err(Error::Other(format!("{n} image failed to sign"))),
+        n => Err(Error::Other(format!(
+            "{n} of {total} images failed to sign"
+        ))),
+    }
+}
+
+fn password_for_new_key() -> Result<Password, Error> {
+    if let Ok(p) = std::env::var("COSIGN_PASSWORD") {
+        return Ok(Password::new(p));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::Other(
+            "set COSIGN_PASSWORD (no terminal to ask for a password)".into(),
+        ));
+    }
+    let first = Zeroizing::new(
+        rpassword::prompt_password("Enter password for private key: ")
+            .map_err(|e| Error::Other(e.to_string()))?,
+    );
+    let again = Zeroizing::new(
+        rpassword::prompt_password("Enter password for private key again: ")
+            .map_err(|e| Error::Other(e.to_string()))?,
+    );
+    if *first != *again {
+        return Err(Error::Other("passwords do not match".into()));
+    }
+    Ok(Password::new(first.as_bytes()))
+}
+
+async fn generate_key_pair(
+    reference: Option<&str>,
+    prefix: &str,
+    force: bool,
+) -> Result<(), Error> {
+    if let Some(r) = reference {
+        let key_ref = KeyRef::parse(r)?;
+        return Err(Error::Key(keybroker_providers::Error::NotBuilt {
+            scheme: key_ref.scheme(),
+            hint: " for generate-key-pair yet; omit the reference to write cosign.key and cosign.pub here".into(),
+        }));
+    }
+    let key_path = PathBuf::from(format!("{prefix}.key"));
+    let pub_path = PathBuf::from(format!("{prefix}.pub"));
+    for p in [&key_path, &pub_path] {
+        if p.exists() && !force {
+            return Err(Error::Other(format!(
+                "{} already exists; pass --force to overwrite it",
+                p.display()
+            )));
+        }
+    }
+    let password = password_for_new_key()?;
+    let (signer, der) = P256Signer::generate()?;
+    let encrypted = cosign_key::encrypt_pem(&der, password.expose())?;
+    write_private(&key_path, encrypted.as_bytes())?;
+    std::fs::write(&pub_path, signer.public_key_pem())
+        .map_err(|e| Error::Other(format!("{}: {e}", pub_path.display())))?;
+    eprintln!(
+        "Private key written to {}\nPublic key written to {}",
+        key_path.display(),
+        pub_path.display()
+    );
+    Ok(())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    f.write_all(data)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}

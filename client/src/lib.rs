@@ -1,0 +1,11 @@
+//! keybroker's client library: ask keybrokerd for signatures, store and verify
+//! them in OCI registries in cosign's format. Links no cloud SDK and holds no
+//! signing key (generate-key-pair aside, which writes one to disk for the user).
+
+pub mod broker;
+pub mod cosign;
+mod error;
+pub mod registry;
+pub mod sign;
+
+pub use error::Error;
