@@ -118,9 +118,12 @@ mod tests {
         let first = bind_unix(&path, 0o600, None).unwrap();
         let err = bind_unix(&path, 0o600, None).unwrap_err();
         assert!(err.contains("already serving"), "{err}");
-        drop(first); // closes the listener; the file stays: stale
+        // A crashed daemon: the listener is gone, its socket file stays behind.
+        let (listener, guard) = first;
+        drop(listener);
+        std::mem::forget(guard);
         assert!(path.exists());
-        let second = bind_unix(&path, 0o640, None).unwrap();
+        let (_listener, second) = bind_unix(&path, 0o640, None).unwrap();
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o640

@@ -99,10 +99,25 @@ async fn run(args: Args) -> Result<(), String> {
         cfg.server.socket_group.as_deref(),
     )?;
     tracing::info!(socket = %socket_path.display(), keys = state.keys.len(), "keybrokerd serving");
-    serve(listener, state, cfg.max_request_bytes(), shutdown_signal()).await?;
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let notify = stopping.clone();
+    let graceful = serve(listener, state, cfg.max_request_bytes(), async move {
+        shutdown_signal().await;
+        notify.notify_one();
+    });
+    // In-flight requests get a grace period; idle clients that never hang up do not
+    // keep the daemon alive.
+    tokio::select! {
+        r = graceful => r?,
+        _ = async { stopping.notified().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping anyway");
+        }
+    }
     tracing::info!("keybrokerd stopped");
     Ok(())
 }
+
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// SIGTERM or SIGINT: stop accepting, let in-flight requests finish.
 async fn shutdown_signal() {

@@ -1,0 +1,297 @@
+//! The real `keybrokerd` binary: embedded default, socket handling, signals,
+//! config checking, and the gRPC status codes a caller sees.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use hyper_util::rt::TokioIo;
+use keybroker_proto::v1::{
+    key_broker_client::KeyBrokerClient, ListKeysRequest, PublicKeyRequest, SignImageRequest,
+    SignRequest,
+};
+use keybroker_providers::{ecdsa::verify_digest, Sha256Digest};
+use tonic::{transport::Endpoint, Code};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(env_dir: &Path, args: &[&str]) -> Daemon {
+    let data = env_dir.join("data");
+    let run = env_dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+        .args(args)
+        .env("XDG_DATA_HOME", &data)
+        .env("XDG_RUNTIME_DIR", &run)
+        .env_remove("KEYBROKER_SOCKET")
+        .env_remove("KEYBROKERD_CONFIG")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn keybrokerd");
+    let socket = run.join("keybroker/keybroker.sock");
+    Daemon { child, socket }
+}
+
+async fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::UnixStream::connect(socket).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "keybrokerd did not start serving on {}",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn client(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
+    let socket = socket.to_path_buf();
+    let channel = Endpoint::from_static("http://keybrokerd.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let s = socket.clone();
+            async move { tokio::net::UnixStream::connect(s).await.map(TokioIo::new) }
+        }))
+        .await
+        .expect("connect");
+    KeyBrokerClient::new(channel)
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn embedded_default_serves_signs_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start(dir.path(), &[]);
+    wait_for_socket(&d.socket).await;
+    let key_file = dir.path().join("data/keybroker/dev-signing.key");
+    assert_eq!(mode(&key_file), 0o600, "dev key must be private");
+    assert_eq!(mode(&dir.path().join("data/keybroker")), 0o700);
+    assert_eq!(mode(&d.socket), 0o600);
+
+    let mut c = client(&d.socket).await;
+    let keys = c
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].alias, "dev");
+    let digest = Sha256Digest::of(b"hello");
+    let sig = c
+        .sign(SignRequest {
+            key: "dev".into(),
+            digest: digest.as_bytes().to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pem = sig.key.unwrap().public_key_pem;
+    verify_digest(&pem, &digest, &sig.signature).expect("daemon's signature verifies");
+
+    // A second daemon on the same socket refuses and leaves the live one alone.
+    let second = Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+        .env("XDG_DATA_HOME", dir.path().join("data"))
+        .env("XDG_RUNTIME_DIR", dir.path().join("run"))
+        .env_remove("KEYBROKER_SOCKET")
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already serving"));
+    c.list_keys(ListKeysRequest {})
+        .await
+        .expect("first daemon still serves");
+
+    // SIGTERM: exits 0 (even with our idle connection open) and removes its socket.
+    // The dev key survives restarts.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let mut child = std::mem::replace(&mut d.child, Command::new("true").spawn().unwrap());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!d.socket.exists(), "socket left behind");
+    let mut again = start(dir.path(), &[]);
+    wait_for_socket(&again.socket).await;
+    let pem2 = client(&again.socket)
+        .await
+        .public_key(PublicKeyRequest { key: "dev".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .public_key_pem;
+    assert_eq!(pem, pem2, "dev key regenerated on restart");
+    let _ = again.child.kill();
+}
+
+#[tokio::test]
+async fn callers_mistakes_get_the_right_status_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &[]);
+    wait_for_socket(&d.socket).await;
+    let mut c = client(&d.socket).await;
+    let e = c
+        .sign(SignRequest {
+            key: "dev".into(),
+            digest: vec![1; 31],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("32 bytes"));
+    let e = c
+        .sign(SignRequest {
+            key: "missing".into(),
+            digest: vec![1; 32],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = c
+        .sign(SignRequest {
+            key: String::new(),
+            digest: vec![1; 32],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let good_digest = format!("sha256:{}", "a".repeat(64));
+    let req = |reference: &str, digest: &str| SignImageRequest {
+        key: "dev".into(),
+        docker_reference: reference.into(),
+        manifest_digest: digest.into(),
+        annotations: Default::default(),
+    };
+    for (reference, digest) in [
+        ("reg.io/app:tag", good_digest.as_str()),
+        ("reg.io/app", "sha256:1234"),
+        ("noslash", good_digest.as_str()),
+    ] {
+        let e = c.sign_image(req(reference, digest)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{reference} {digest}: {e}");
+    }
+    let mut forged = req("reg.io/app", &good_digest);
+    forged
+        .annotations
+        .insert("keybroker.dev/caller".into(), "uid=0".into());
+    let e = c.sign_image(forged).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let ok = c
+        .sign_image(req("reg.io/app", &good_digest))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(String::from_utf8(ok.payload)
+        .unwrap()
+        .contains("keybroker.dev/caller"));
+    // Over the 64 KiB request limit: refused before decoding, never INTERNAL.
+    let e = c
+        .sign(SignRequest {
+            key: "dev".into(),
+            digest: vec![0; 100 * 1024],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn default_deny_without_a_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
+    std::fs::write(&key, keybroker_providers::pem::encode("PRIVATE KEY", &der)).unwrap();
+    let socket = dir.path().join("s.sock");
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsocket = \"{}\"\n[keys.k]\nref = \"{}\"\n",
+            socket.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let mut d = start(dir.path(), &["--config", config.to_str().unwrap()]);
+    d.socket = socket;
+    wait_for_socket(&d.socket).await;
+    assert_eq!(mode(&d.socket), 0o660, "configured default socket mode");
+    let mut c = client(&d.socket).await;
+    let e = c
+        .sign(SignRequest {
+            key: "k".into(),
+            digest: vec![1; 32],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(c
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .is_empty());
+}
+
+#[test]
+fn check_config_validates_and_explains() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/keys");
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "[keys.release]\nref = \"{}\"\npassword_env = \"KB_TEST_PW\"\n[[policy]]\ncallers = [\"uid:1001\"]\nkeys = [\"release\"]\nimages = [\"reg.io/app/*\"]\n",
+            fixtures.join("legacy_cosign_label_password_123.key").display()
+        ),
+    )
+    .unwrap();
+    let run = |path: &Path, pw: &str| {
+        Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+            .arg("--check-config")
+            .arg(path)
+            .env("KB_TEST_PW", pw)
+            .output()
+            .unwrap()
+    };
+    let out = run(&good, "123");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&good, "wrong");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("release") && err.contains("wrong password"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong\n") || !err.contains("KB_TEST_PW=wrong"));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[keys.x]\nref = \"azurekms://v/k\"\n").unwrap();
+    let out = run(&bad, "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("known schemes are"));
+}
