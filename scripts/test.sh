@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need, starts
+# the real servers on 127.0.0.1 (once for the whole run), runs every test, stops
+# the servers. This is the command README.md names and .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+
+scripts/install-test-deps.sh
+
+state=$(mktemp -d -t keybroker-test.XXXXXX)
+cleanup() {
+  scripts/registry.sh stop "$state" || true
+  rm -rf "$state"
+}
+trap cleanup EXIT
+
+echo "== build (once, all targets)"
+cargo build --workspace --all-targets --locked
+
+echo "== servers"
+scripts/registry.sh start "$state"
+# shellcheck disable=SC1091
+source "$state/registry.env"
+export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_AUTH_REGISTRY KEYBROKER_TEST_AUTH_USER KEYBROKER_TEST_AUTH_PASSWORD
+
+echo "== tests"
+# CI=true makes tests that need a server fail (not skip) when it is missing.
+CI=true cargo test --workspace --locked
+
+echo "== smoke: the real binaries, README's first command included"
+scripts/smoke.sh "$KEYBROKER_TEST_REGISTRY"
+
+echo "== test suite finished in $(( $(date +%s) - started )) s"
