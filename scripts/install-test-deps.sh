@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine (as root):
+# the real OCI registry (distribution 2.8), htpasswd for its basic auth, curl.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+need=(docker-registry apache2-utils curl)
+missing=()
+for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-test-deps: apt-get install ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "install-test-deps: ${need[*]} already installed"
+fi
