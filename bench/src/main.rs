@@ -49,7 +49,11 @@ fn sibling_binary(name: &str) -> Result<PathBuf, BoxError> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().ok_or("no exe dir")?.join(name);
     if !path.exists() {
-        return Err(format!("{} not found: build it first (scripts/bench.sh does)", path.display()).into());
+        return Err(format!(
+            "{} not found: build it first (scripts/bench.sh does)",
+            path.display()
+        )
+        .into());
     }
     Ok(path)
 }
@@ -84,7 +88,11 @@ async fn start_daemon(dir: &Path) -> Result<Daemon, BoxError> {
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
-    Ok(Daemon { child, socket, start_to_serving: started.elapsed() })
+    Ok(Daemon {
+        child,
+        socket,
+        start_to_serving: started.elapsed(),
+    })
 }
 
 async fn channel(socket: &Path) -> Result<Channel, BoxError> {
@@ -100,7 +108,11 @@ async fn channel(socket: &Path) -> Result<Channel, BoxError> {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_string())
+        })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
         .unwrap_or(0)
 }
@@ -164,7 +176,12 @@ where
     }
     let elapsed = start.elapsed();
     latencies_us.sort_unstable();
-    Load { requests: latencies_us.len() as u64, errors, elapsed, latencies_us }
+    Load {
+        requests: latencies_us.len() as u64,
+        errors,
+        elapsed,
+        latencies_us,
+    }
 }
 
 fn raw_signing_rate() -> Result<(f64, f64), BoxError> {
@@ -207,7 +224,9 @@ fn row(name: &str, in_flight: usize, l: &Load) -> String {
 async fn main() -> Result<(), BoxError> {
     let dir = std::env::temp_dir().join(format!("keybroker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!("# keybroker-bench\n");
     println!("machine: {cores} cores; phases of {PHASE:?}, at most {MAX_REQUESTS} requests each\n");
 
@@ -218,8 +237,14 @@ async fn main() -> Result<(), BoxError> {
     let daemon = start_daemon(&dir).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = rss_kib(daemon.child.id());
-    println!("## Daemon\n\n- start to serving (spawn → socket accepts, file key): {:.1} ms", daemon.start_to_serving.as_secs_f64() * 1e3);
-    println!("- idle RSS after start: {:.1} MiB\n", idle_rss as f64 / 1024.0);
+    println!(
+        "## Daemon\n\n- start to serving (spawn → socket accepts, file key): {:.1} ms",
+        daemon.start_to_serving.as_secs_f64() * 1e3
+    );
+    println!(
+        "- idle RSS after start: {:.1} MiB\n",
+        idle_rss as f64 / 1024.0
+    );
 
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
@@ -234,7 +259,13 @@ async fn main() -> Result<(), BoxError> {
         let ch = channels.clone();
         let l = closed_loop(in_flight, move |i| {
             let mut c = HealthClient::new(ch[i % CONNECTIONS].clone());
-            async move { c.check(HealthCheckRequest { service: String::new() }).await.is_ok() }
+            async move {
+                c.check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+            }
         })
         .await;
         if in_flight == 64 {
@@ -249,7 +280,12 @@ async fn main() -> Result<(), BoxError> {
             let mut c = KeyBrokerClient::new(ch[i % CONNECTIONS].clone());
             async move {
                 let digest = Sha256Digest::of(&(i as u64).to_le_bytes());
-                c.sign(SignRequest { key: "file".into(), digest: digest.as_bytes().to_vec() }).await.is_ok()
+                c.sign(SignRequest {
+                    key: "file".into(),
+                    digest: digest.as_bytes().to_vec(),
+                })
+                .await
+                .is_ok()
             }
         })
         .await;
@@ -258,8 +294,14 @@ async fn main() -> Result<(), BoxError> {
         }
         println!("{}", row("Sign, file key", in_flight, &l));
     }
-    println!("\nSign/no-op ratio at 64 in flight: {:.2}", sign_64 / noop_64);
-    println!("RSS after load: {:.1} MiB\n", rss_kib(daemon.child.id()) as f64 / 1024.0);
+    println!(
+        "\nSign/no-op ratio at 64 in flight: {:.2}",
+        sign_64 / noop_64
+    );
+    println!(
+        "RSS after load: {:.1} MiB\n",
+        rss_kib(daemon.child.id()) as f64 / 1024.0
+    );
 
     match std::env::var("KEYBROKER_TEST_REGISTRY") {
         Ok(registry) if !registry.is_empty() => {
