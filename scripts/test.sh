@@ -11,6 +11,7 @@ scripts/install-test-deps.sh
 state=$(mktemp -d -t keybroker-test.XXXXXX)
 cleanup() {
   scripts/registry.sh stop "$state" || true
+  scripts/openbao.sh stop "$state" || true
   rm -rf "$state"
 }
 trap cleanup EXIT
@@ -20,9 +21,13 @@ cargo build --workspace --all-targets --locked
 
 echo "== servers"
 scripts/registry.sh start "$state"
+scripts/openbao.sh start "$state"
 # shellcheck disable=SC1091
 source "$state/registry.env"
+# shellcheck disable=SC1091
+source "$state/openbao.env"
 export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_AUTH_REGISTRY KEYBROKER_TEST_AUTH_USER KEYBROKER_TEST_AUTH_PASSWORD
+export KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN
 
 echo "== tests"
 # CI=true makes tests that need a server fail (not skip) when it is missing.

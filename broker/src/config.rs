@@ -52,6 +52,30 @@ pub struct KeyConfig {
     pub password_env: Option<String>,
     /// File holding the password of an encrypted key (trailing newline ignored).
     pub password_file: Option<PathBuf>,
+    /// Vault / OpenBao settings for `hashivault://` and `openbao://` keys.
+    #[serde(default)]
+    pub vault: Option<VaultKeyConfig>,
+}
+
+/// `[keys.NAME.vault]`: where the transit key lives. Unset fields fall back to
+/// `VAULT_ADDR`, `VAULT_TOKEN`, `VAULT_NAMESPACE`, `TRANSIT_SECRET_ENGINE_PATH`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultKeyConfig {
+    /// Server address.
+    pub address: Option<String>,
+    /// Transit mount (default "transit").
+    pub mount: Option<String>,
+    /// Vault Enterprise namespace.
+    pub namespace: Option<String>,
+    /// Environment variable holding the token.
+    pub token_env: Option<String>,
+    /// File holding the token (trailing newline ignored).
+    pub token_file: Option<PathBuf>,
+    /// Pin a key version.
+    pub key_version: Option<u64>,
+    /// Per-request timeout in milliseconds (default 10000).
+    pub timeout_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for KeyConfig {
@@ -61,6 +85,7 @@ impl std::fmt::Debug for KeyConfig {
             .field("ref", &self.reference)
             .field("password_env", &self.password_env)
             .field("password_file", &self.password_file)
+            .field("vault", &self.vault)
             .finish()
     }
 }
@@ -161,6 +186,7 @@ impl Config {
                 reference: data_dir.join(DEV_KEY_FILE).display().to_string(),
                 password_env: None,
                 password_file: None,
+                vault: None,
             },
         );
         Config {

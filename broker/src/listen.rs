@@ -132,6 +132,20 @@ mod tests {
         assert!(!path.exists());
     }
 
+    #[tokio::test]
+    async fn sets_the_socket_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        // SAFETY: getgid cannot fail.
+        let gid = unsafe { libc::getgid() };
+        let _bound = bind_unix(&path, 0o660, Some(&gid.to_string())).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), gid);
+        let err =
+            bind_unix(&dir.path().join("h.sock"), 0o660, Some("no-such-group-kb")).unwrap_err();
+        assert!(err.contains("no such group"), "{err}");
+    }
+
     #[test]
     fn refuses_to_replace_a_regular_file() {
         let dir = tempfile::tempdir().unwrap();

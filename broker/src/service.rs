@@ -7,7 +7,7 @@ use keybroker_proto::v1::{
     key_broker_server::KeyBroker, KeyInfo, ListKeysRequest, ListKeysResponse, PublicKeyRequest,
     PublicKeyResponse, SignImageRequest, SignImageResponse, SignRequest, SignResponse,
 };
-use keybroker_providers::{Sha256Digest, ALGORITHM};
+use keybroker_providers::{PublicKey, Sha256Digest, ALGORITHM};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -62,14 +62,23 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         .ok_or_else(|| Status::unauthenticated("caller identity unavailable (no peer credentials)"))
 }
 
-fn key_info(entry: &KeyEntry, version: String) -> KeyInfo {
+fn key_info(entry: &KeyEntry, public: PublicKey) -> KeyInfo {
     KeyInfo {
         alias: entry.alias.clone(),
         key_id: entry.provider.key_id().to_string(),
-        version,
-        public_key_pem: entry.public.pem.clone(),
+        version: public.key_version,
+        public_key_pem: public.pem,
         algorithm: ALGORITHM.to_string(),
     }
+}
+
+/// Key info for a fresh signature: the public key of the version that signed.
+async fn signed_key_info(entry: &KeyEntry, sig_version: &str) -> Result<KeyInfo, Status> {
+    let public = entry
+        .public_for_version(sig_version)
+        .await
+        .map_err(|e| status::from_provider(&e))?;
+    Ok(key_info(entry, public))
 }
 
 fn deny(caller: &Caller, key: &str, d: crate::policy::Denied) -> Status {
@@ -131,10 +140,11 @@ impl KeyBroker for BrokerService {
             .await
             .map_err(|e| status::from_provider(&e))?;
         tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, "signed image");
+        let key = signed_key_info(entry, &sig.key_version).await?;
         Ok(Response::new(SignImageResponse {
             payload: body,
             signature: sig.der,
-            key: Some(key_info(entry, sig.key_version)),
+            key: Some(key),
         }))
     }
 
@@ -154,9 +164,10 @@ impl KeyBroker for BrokerService {
             .await
             .map_err(|e| status::from_provider(&e))?;
         tracing::debug!(%caller, key = %r.key, ?digest, "signed digest");
+        let key = signed_key_info(entry, &sig.key_version).await?;
         Ok(Response::new(SignResponse {
             signature: sig.der,
-            key: Some(key_info(entry, sig.key_version)),
+            key: Some(key),
         }))
     }
 
@@ -167,7 +178,7 @@ impl KeyBroker for BrokerService {
         // Public keys are public: any caller who can reach the socket may read them.
         let entry = self.key(&req.get_ref().key)?;
         Ok(Response::new(PublicKeyResponse {
-            key: Some(key_info(entry, entry.public.key_version.clone())),
+            key: Some(key_info(entry, entry.public())),
         }))
     }
 
@@ -181,7 +192,7 @@ impl KeyBroker for BrokerService {
             .keys
             .values()
             .filter(|e| self.state.policy.may_use_key(&caller, &e.alias))
-            .map(|e| key_info(e, e.public.key_version.clone()))
+            .map(|e| key_info(e, e.public()))
             .collect();
         Ok(Response::new(ListKeysResponse { keys }))
     }

@@ -58,15 +58,7 @@ async fn wait_for_socket(socket: &Path) {
 }
 
 async fn client(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
-    let socket = socket.to_path_buf();
-    let channel = Endpoint::from_static("http://keybrokerd.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let s = socket.clone();
-            async move { tokio::net::UnixStream::connect(s).await.map(TokioIo::new) }
-        }))
-        .await
-        .expect("connect");
-    KeyBrokerClient::new(channel)
+    KeyBrokerClient::new(channel_of(socket).await)
 }
 
 fn mode(p: &Path) -> u32 {
@@ -213,6 +205,65 @@ async fn callers_mistakes_get_the_right_status_codes() {
         matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &[]);
+    wait_for_socket(&d.socket).await;
+    let mut health = HealthClient::new(channel_of(&d.socket).await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "keybroker.v1.KeyBroker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let mut reflection = ServerReflectionClient::new(channel_of(&d.socket).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reply")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"keybroker.v1.KeyBroker".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
+
+async fn channel_of(socket: &Path) -> tonic::transport::Channel {
+    let socket = socket.to_path_buf();
+    Endpoint::from_static("http://keybrokerd.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let s = socket.clone();
+            async move { tokio::net::UnixStream::connect(s).await.map(TokioIo::new) }
+        }))
+        .await
+        .expect("connect")
 }
 
 #[tokio::test]

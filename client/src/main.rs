@@ -18,7 +18,7 @@ use keybroker_client::{
     Error,
 };
 use keybroker_proto::v1::{ListKeysRequest, PublicKeyRequest};
-use keybroker_providers::{cosign_key, open, KeyRef, OpenOptions, P256Signer, Password};
+use keybroker_providers::{cosign_key, open_local, KeyRef, P256Signer, Password};
 use zeroize::Zeroizing;
 
 /// Sign container images through keybrokerd and store the signatures in the
@@ -207,7 +207,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let pem = if key.contains("://") || Path::new(&key).exists() {
                 let key_ref = KeyRef::parse(&key)?;
                 let password = std::env::var("COSIGN_PASSWORD").ok().map(Password::new);
-                let provider = open(&key_ref, &OpenOptions { password }).await?;
+                let provider = open_local(&key_ref, password.as_ref())?;
                 provider.public_key().await?.pem
             } else {
                 let mut client = broker::connect(&socket).await?;

@@ -128,3 +128,53 @@ async fn sigstore_rs_verifies_on_the_htpasswd_registry() {
         1
     );
 }
+
+#[tokio::test]
+async fn openbao_transit_key_signs_images_that_sigstore_rs_verifies() {
+    let Some(reg) = anon_registry() else { return };
+    let (addr, token) = match (
+        std::env::var("KEYBROKER_TEST_VAULT_ADDR"),
+        std::env::var("KEYBROKER_TEST_VAULT_TOKEN"),
+    ) {
+        (Ok(a), Ok(t)) if !a.is_empty() => (a, t),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("KEYBROKER_TEST_VAULT_ADDR not set: run through scripts/test.sh")
+        }
+        _ => return,
+    };
+    let name = format!("e2e-{}", std::process::id());
+    let created = reqwest::Client::new()
+        .post(format!("{addr}/v1/transit/keys/{name}"))
+        .header("X-Vault-Token", &token)
+        .header("Content-Type", "application/json")
+        .body(r#"{"type":"ecdsa-p256"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{}", created.status());
+    let broker = TestBroker::start(&format!(
+        "[keys.bao]\nref = \"openbao://{name}\"\n[keys.bao.vault]\naddress = \"{addr}\"\ntoken_env = \"KEYBROKER_TEST_VAULT_TOKEN\"\n[[policy]]\ncallers = [\"uid:{}\"]\nkeys = [\"bao\"]\nimages = [\"**\"]\n",
+        uid()
+    ))
+    .await;
+    let digest = reg.push_image("e2e/openbao", "v1").await;
+    let image = format!("{}/e2e/openbao:v1", reg.addr);
+    let out = keybroker(&broker.socket, &["sign", &image, "--key", "bao"], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = keybroker(&broker.socket, &["public-key", "--key", "bao"], &[]).await;
+    let public_pem = stdout(&out);
+    assert!(
+        public_pem.starts_with("-----BEGIN PUBLIC KEY-----"),
+        "{public_pem}"
+    );
+    assert_eq!(
+        sigstore_verified_layers(&image, &digest, &public_pem, Auth::Anonymous).await,
+        1
+    );
+    let out = keybroker(&broker.socket, &["keys"], &[]).await;
+    assert!(
+        stdout(&out).contains(&format!("bao\tecdsa-p256-sha256\t1\topenbao://{name}")),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The benchmark (docs/PERFORMANCE.md): release build, a real registry on
+# 127.0.0.1 for the client phase, then keybroker-bench. Bounded: each phase runs
+# 3 s or 2,000,000 requests, whichever comes first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-test-deps.sh
+cargo build --release --locked -p keybroker-broker -p keybroker-client -p keybroker-bench
+state=$(mktemp -d -t keybroker-bench.XXXXXX)
+trap 'scripts/registry.sh stop "$state"; rm -rf "$state"' EXIT
+scripts/registry.sh start "$state" >/dev/null
+# shellcheck disable=SC1091
+source "$state/registry.env"
+export KEYBROKER_TEST_REGISTRY
+echo "date: $(date -u +%FT%TZ); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
+target/release/keybroker-bench
