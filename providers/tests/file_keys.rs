@@ -141,7 +141,7 @@ async fn env_key_reads_pem_and_cosign_password() {
 #[tokio::test]
 async fn unbuilt_schemes_say_so() {
     let err = open(
-        &KeyRef::parse("hashivault://x").unwrap(),
+        &KeyRef::parse("k8s://ns/secret").unwrap(),
         &OpenOptions::default(),
     )
     .await
