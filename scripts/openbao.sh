@@ -16,7 +16,11 @@ case $cmd in
     if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then echo "openbao: already running"; exit 0; fi
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     token=root-$(head -c 512 /dev/urandom | tr -dc 'a-z0-9' | head -c 16)
-    bao server -dev -dev-root-token-id="$token" -dev-listen-address="127.0.0.1:$port" -log-level=warn >"$state/openbao.log" 2>&1 &
+    # Test-only: OpenBao 2 refuses audit devices created through the API unless
+    # allowed; the benchmark counts backend calls with OpenBao's own audit log.
+    echo 'unsafe_allow_api_audit_creation = true' > "$state/openbao-extra.hcl"
+    bao server -dev -dev-root-token-id="$token" -dev-listen-address="127.0.0.1:$port" \
+      -config="$state/openbao-extra.hcl" -log-level=warn >"$state/openbao.log" 2>&1 &
     echo $! > "$pidfile"
     export BAO_ADDR=http://127.0.0.1:$port BAO_TOKEN=$token
     for _ in $(seq 100); do

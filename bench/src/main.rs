@@ -21,15 +21,16 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 mod registry_phase;
+mod vault_phase;
 
 /// How long each throughput phase runs.
 const PHASE: Duration = Duration::from_secs(3);
 /// Hard cap on requests per phase, whatever the machine's speed.
 const MAX_REQUESTS: u64 = 2_000_000;
 /// HTTP/2 connections the load is spread over.
-const CONNECTIONS: usize = 4;
+pub(crate) const CONNECTIONS: usize = 4;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Daemon {
     child: Child,
@@ -58,7 +59,7 @@ fn sibling_binary(name: &str) -> Result<PathBuf, BoxError> {
     Ok(path)
 }
 
-async fn start_daemon(dir: &Path) -> Result<Daemon, BoxError> {
+async fn start_daemon(dir: &Path, extra_keys: &str) -> Result<Daemon, BoxError> {
     let key = dir.join("bench.key");
     let (_, der) = P256Signer::generate()?;
     std::fs::write(&key, pem::encode("PRIVATE KEY", &der))?;
@@ -69,7 +70,7 @@ async fn start_daemon(dir: &Path) -> Result<Daemon, BoxError> {
     std::fs::write(
         &config,
         format!(
-            "[server]\nsocket = \"{}\"\nsocket_mode = \"0600\"\n[keys.file]\nref = \"{}\"\n[[policy]]\ncallers = [\"uid:{uid}\"]\nkeys = [\"*\"]\nimages = [\"**\"]\nallow_raw_digest = true\n",
+            "[server]\nsocket = \"{}\"\nsocket_mode = \"0600\"\n[keys.file]\nref = \"{}\"\n{extra_keys}[[policy]]\ncallers = [\"uid:{uid}\"]\nkeys = [\"*\"]\nimages = [\"**\"]\nallow_raw_digest = true\n",
             socket.display(),
             key.display()
         ),
@@ -139,7 +140,7 @@ impl Load {
 }
 
 /// Runs `in_flight` closed loops of `call` for PHASE (or MAX_REQUESTS).
-async fn closed_loop<F, Fut>(in_flight: usize, call: F) -> Load
+pub(crate) async fn closed_loop<F, Fut>(in_flight: usize, call: F) -> Load
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -210,7 +211,7 @@ fn raw_signing_rate() -> Result<(f64, f64), BoxError> {
     Ok((aws_lc, p256))
 }
 
-fn row(name: &str, in_flight: usize, l: &Load) -> String {
+pub(crate) fn row(name: &str, in_flight: usize, l: &Load) -> String {
     format!(
         "| {name} | {in_flight} | {:.0} | {:.0} | {:.0} | {} |",
         l.rate(),
@@ -234,7 +235,15 @@ async fn main() -> Result<(), BoxError> {
     println!("## Raw in-process ECDSA P-256 signing (one thread)\n");
     println!("| signer | signs/s |\n|---|---|\n| aws-lc-rs (used) | {aws_lc:.0} |\n| p256 0.13 | {p256:.0} |\n");
 
-    let daemon = start_daemon(&dir).await?;
+    let bao = vault_phase::Bao::from_env();
+    if let Some(b) = &bao {
+        b.create_key().await?;
+    }
+    let daemon = start_daemon(
+        &dir,
+        &bao.as_ref().map(|b| b.key_config()).unwrap_or_default(),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = rss_kib(daemon.child.id());
     println!(
@@ -303,6 +312,10 @@ async fn main() -> Result<(), BoxError> {
         rss_kib(daemon.child.id()) as f64 / 1024.0
     );
 
+    match &bao {
+        Some(b) => vault_phase::run(b, channels.clone(), &dir).await?,
+        None => println!("## Vault\n\nskipped: KEYBROKER_TEST_VAULT_ADDR not set (scripts/bench.sh starts OpenBao)\n"),
+    }
     match std::env::var("KEYBROKER_TEST_REGISTRY") {
         Ok(registry) if !registry.is_empty() => {
             registry_phase::run(&registry, &daemon.socket, &sibling_binary("keybroker")?).await?;

@@ -106,9 +106,10 @@ async fn existing_layers(
 /// write replaced ours.
 ///
 /// Distribution 2.8 has no conditional manifest PUT, so two writers can still race;
-/// the re-read happens after a settle delay of twice our own read→write window, so
-/// a writer that read before our PUT has written before we check. Each signer checks
-/// its own layer, so whoever lost re-appends. Returns whether a layer was written.
+/// the re-read happens after a settle delay of 1.25× our own read→write window, so
+/// a writer that read before our PUT (and writes about as fast as we do) has
+/// written before we check. Each signer checks its own layer, so whoever lost
+/// re-appends. Returns whether a layer was written.
 pub async fn append_signature(
     registry: &Registry,
     img: &ImageRef,
@@ -118,25 +119,25 @@ pub async fn append_signature(
     let tag = signature_tag(manifest_digest);
     let ours = sig.descriptor();
     let mut payload_pushed = false;
+    let mut read_at = Instant::now();
     let mut layers = existing_layers(registry, img, &tag).await?;
     for _ in 0..MAX_ATTEMPTS {
         if layers.iter().any(|l| same_signature(l, &ours)) {
             return Ok(false);
         }
-        let started = Instant::now();
+        let mut new_layers = layers.clone();
+        new_layers.push(ours.clone());
+        let config = config_blob(&new_layers);
         if !payload_pushed {
             registry.push_blob(img, &sig.payload).await?;
             payload_pushed = true;
         }
-        let mut new_layers = layers.clone();
-        new_layers.push(ours.clone());
-        let config = config_blob(&new_layers);
         registry.push_blob(img, &config).await?;
         registry
             .put_manifest(img, &tag, &manifest(&config, &new_layers), OCI_MANIFEST)
             .await?;
-        let window = started.elapsed();
-        tokio::time::sleep(settle_delay(window)).await;
+        tokio::time::sleep(settle_delay(read_at.elapsed())).await;
+        read_at = Instant::now();
         layers = existing_layers(registry, img, &tag).await?;
         if layers.iter().any(|l| same_signature(l, &ours)) {
             return Ok(true);
@@ -155,7 +156,7 @@ fn settle_delay(window: Duration) -> Duration {
         .unwrap_or_default()
         .subsec_nanos();
     let jitter = Duration::from_micros(u64::from(nanos % 5000));
-    (window * 2).clamp(Duration::from_millis(2), Duration::from_millis(500)) + jitter
+    (window * 5 / 4).clamp(Duration::from_millis(2), Duration::from_millis(500)) + jitter
 }
 
 #[cfg(test)]
