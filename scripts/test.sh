@@ -19,6 +19,12 @@ trap cleanup EXIT
 echo "== build (once, all targets)"
 cargo build --workspace --all-targets --locked
 
+# The client links no cloud SDK even when the workspace build unifies the
+# daemon's provider features (ARCHITECTURE.md).
+if nm -C target/debug/keybroker | grep -q 'vaultrs::'; then
+  echo "keybroker (client) links vaultrs" >&2; exit 1
+fi
+
 echo "== servers"
 scripts/registry.sh start "$state"
 scripts/openbao.sh start "$state"

@@ -11,43 +11,64 @@ use crate::config::KeyConfig;
 pub struct KeyEntry {
     /// The alias callers use.
     pub alias: String,
-    /// The provider.
+    /// The provider (remote ones wrapped with retries and a public-key cache).
     pub provider: Arc<dyn KeyProvider>,
-    /// Public key read at start; refreshed when a signature reports another
-    /// version (a rotated remote key), so signing never calls the backend twice.
-    public: std::sync::RwLock<PublicKey>,
+    /// Public key of the version that signs now, so a signature costs exactly one
+    /// backend call; re-read when a signature reports another version. `None`
+    /// while a remote backend has not answered yet.
+    public: std::sync::RwLock<Option<PublicKey>>,
 }
 
 impl KeyEntry {
-    /// The cached public key.
-    pub fn public(&self) -> PublicKey {
+    /// The public key as last seen, without asking the backend.
+    pub fn cached_public(&self) -> Option<PublicKey> {
         self.public
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// The public key matching `version`: the cached one, or a fresh read when the
+    fn remember(&self, public: &PublicKey) {
+        *self.public.write().unwrap_or_else(|p| p.into_inner()) = Some(public.clone());
+    }
+
+    /// The current public key (remote providers answer from their TTL cache).
+    pub async fn public_key(&self) -> Result<PublicKey, keybroker_providers::Error> {
+        let fresh = self.provider.public_key().await?;
+        self.remember(&fresh);
+        Ok(fresh)
+    }
+
+    /// The public key of `version`: the cached one, or a fresh read when the
     /// backend has rotated since.
     pub async fn public_for_version(
         &self,
         version: &str,
     ) -> Result<PublicKey, keybroker_providers::Error> {
-        let cached = self.public();
-        if cached.key_version == version {
+        if let Some(cached) = self.cached_public().filter(|c| c.key_version == version) {
             return Ok(cached);
         }
-        let fresh = self.provider.public_key().await?;
-        if fresh.key_version == version {
-            *self.public.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
-        }
-        Ok(fresh)
+        self.public_key().await
     }
+}
+
+/// How long the daemon waits at start for a remote key's public key.
+const START_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How to treat a backend that does not answer at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    /// `--check-config`: every key must answer.
+    Strict,
+    /// The daemon: serve the keys that work; a remote key whose backend is down
+    /// is logged and served (with UNAVAILABLE) until it comes back.
+    Lenient,
 }
 
 /// Opens every key of the config; any failure names the alias.
 pub async fn open_all(
     keys: &BTreeMap<String, KeyConfig>,
+    startup: Startup,
 ) -> Result<BTreeMap<String, Arc<KeyEntry>>, String> {
     let mut out = BTreeMap::new();
     for (alias, kc) in keys {
@@ -60,10 +81,28 @@ pub async fn open_all(
         let provider = open(&key_ref, &options)
             .await
             .map_err(|e| format!("key {alias:?}: {e}"))?;
-        let public = provider
-            .public_key()
-            .await
-            .map_err(|e| format!("key {alias:?}: {e}"))?;
+        let local = matches!(key_ref.scheme(), "file" | "env");
+        let fetch = provider.public_key();
+        let fetched = if startup == Startup::Lenient && !local {
+            // A hung backend must not hold up the daemon's start.
+            tokio::time::timeout(START_BUDGET, fetch)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(keybroker_providers::Error::Unavailable(format!(
+                        "no answer within {START_BUDGET:?}"
+                    )))
+                })
+        } else {
+            fetch.await
+        };
+        let public = match fetched {
+            Ok(p) => Some(p),
+            Err(e) if startup == Startup::Lenient && !local => {
+                tracing::warn!(key = %alias, error = %e, "key backend not answering at start; serving other keys");
+                None
+            }
+            Err(e) => return Err(format!("key {alias:?}: {e}")),
+        };
         out.insert(
             alias.clone(),
             Arc::new(KeyEntry {

@@ -23,8 +23,8 @@ use crate::{
 };
 
 /// Opens every key and compiles the policy.
-pub async fn build_state(config: &Config) -> Result<State, String> {
-    let keys = keys::open_all(&config.keys).await?;
+pub async fn build_state(config: &Config, startup: keys::Startup) -> Result<State, String> {
+    let keys = keys::open_all(&config.keys, startup).await?;
     let policy = Policy::new(&config.policy)?;
     Ok(State { keys, policy })
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::Parser;
-use keybroker_broker::{build_state, config, harden_process, listen, serve};
+use keybroker_broker::{build_state, config, harden_process, keys, listen, serve};
 use keybroker_providers::{pem, P256Signer};
 
 /// The keybroker signing daemon.
@@ -72,7 +72,7 @@ fn init_logging(format: &str) {
 async fn run(args: Args) -> Result<(), String> {
     if let Some(path) = &args.check_config {
         let cfg = config::Config::load(path)?;
-        build_state(&cfg).await?;
+        build_state(&cfg, keys::Startup::Strict).await?;
         println!(
             "{}: ok ({} keys, {} policy rules)",
             path.display(),
@@ -91,7 +91,7 @@ async fn run(args: Args) -> Result<(), String> {
     if cfg.server.audit_log.is_some() {
         tracing::warn!("server.audit_log is set but the audit log is not implemented yet; no audit records are written");
     }
-    let state = Arc::new(build_state(&cfg).await?);
+    let state = Arc::new(build_state(&cfg, keys::Startup::Lenient).await?);
     let socket_path = cfg.socket_path();
     let (listener, _guard) = listen::bind_unix(
         &socket_path,

@@ -177,8 +177,12 @@ impl KeyBroker for BrokerService {
     ) -> Result<Response<PublicKeyResponse>, Status> {
         // Public keys are public: any caller who can reach the socket may read them.
         let entry = self.key(&req.get_ref().key)?;
+        let public = entry
+            .public_key()
+            .await
+            .map_err(|e| status::from_provider(&e))?;
         Ok(Response::new(PublicKeyResponse {
-            key: Some(key_info(entry, entry.public())),
+            key: Some(key_info(entry, public)),
         }))
     }
 
@@ -192,7 +196,15 @@ impl KeyBroker for BrokerService {
             .keys
             .values()
             .filter(|e| self.state.policy.may_use_key(&caller, &e.alias))
-            .map(|e| key_info(e, e.public()))
+            // No backend calls here: a key whose backend has not answered yet is
+            // listed without a public key.
+            .map(|e| {
+                let public = e.cached_public().unwrap_or(PublicKey {
+                    pem: String::new(),
+                    key_version: String::new(),
+                });
+                key_info(e, public)
+            })
             .collect();
         Ok(Response::new(ListKeysResponse { keys }))
     }

@@ -410,3 +410,66 @@ async fn batch_signing_signs_every_image() {
         assert_eq!(sig_layers(&reg, &format!("e2e/batch{i}"), d).await.len(), 1);
     }
 }
+
+/// A Vault whose TCP port accepts connections but never answers: the daemon
+/// still starts, serves the file key at full speed, and answers UNAVAILABLE for
+/// the dead backend's key within its bounded timeout and retries.
+#[tokio::test]
+async fn a_hung_backend_does_not_slow_other_keys() {
+    use keybroker_proto::v1::SignRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path(), "local");
+    // Listening but never accepting: connects succeed, requests never get an answer.
+    // (The "token" is just some variable that is always set; it is never checked.)
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole = black_hole.local_addr().unwrap();
+    let broker = TestBroker::start(&format!(
+        "[keys.local]\nref = \"{}\"\n[keys.hung]\nref = \"hashivault://k\"\n[keys.hung.vault]\naddress = \"http://{hole}\"\ntoken_env = \"HOME\"\ntimeout_ms = 1500\n[[policy]]\ncallers = [\"uid:{}\"]\nkeys = [\"*\"]\nallow_raw_digest = true\n",
+        key.key_path.display(),
+        uid()
+    ))
+    .await;
+    let mut hung_client = keybroker_client::broker::connect(&broker.socket)
+        .await
+        .unwrap();
+    let hung = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let r = hung_client
+            .sign(SignRequest {
+                key: "hung".into(),
+                digest: vec![1; 32],
+            })
+            .await;
+        (started.elapsed(), r)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut c = keybroker_client::broker::connect(&broker.socket)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        c.sign(SignRequest {
+            key: "local".into(),
+            digest: vec![2; 32],
+        })
+        .await
+        .expect("file key signs while Vault hangs");
+    }
+    let local = started.elapsed();
+    let (hung_for, r) = hung.await.unwrap();
+    assert!(
+        local < hung_for,
+        "file key waited for the hung backend: {local:?} vs {hung_for:?}"
+    );
+    assert!(
+        local < std::time::Duration::from_secs(1),
+        "50 local signs took {local:?}"
+    );
+    let status = r.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(
+        hung_for < std::time::Duration::from_secs(8),
+        "bounded timeout + retries, took {hung_for:?}"
+    );
+    drop(black_hole);
+}

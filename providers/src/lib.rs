@@ -17,6 +17,7 @@ pub mod keyref;
 pub mod pem;
 #[cfg(feature = "vault")]
 pub mod vault;
+pub mod wrap;
 
 use std::{fmt, sync::Arc};
 
@@ -118,6 +119,17 @@ pub struct OpenOptions {
     pub vault: vault::VaultOptions,
 }
 
+/// What every remote key source gets: retries with jittered backoff around a
+/// public-key cache (5 minutes, one fetch in flight per key).
+#[cfg(feature = "vault")]
+fn remote(provider: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
+    let cached = Arc::new(wrap::CachedPublicKey::new(
+        provider,
+        std::time::Duration::from_secs(300),
+    ));
+    Arc::new(wrap::Retrying::new(cached, wrap::RetryConfig::default()))
+}
+
 /// Opens a key that lives on this machine (`file`, `env`) without touching any
 /// remote backend code: what the client uses, so a workspace build that unifies
 /// cloud features into this crate still links none of them into `keybroker`.
@@ -137,11 +149,10 @@ pub async fn open(key_ref: &KeyRef, options: &OpenOptions) -> Result<Arc<dyn Key
         KeyRef::File(path) => Ok(Arc::new(FileKey::open(path, options.password.as_ref())?)),
         KeyRef::Env(var) => Ok(Arc::new(EnvKey::open(var, options.password.as_ref())?)),
         #[cfg(feature = "vault")]
-        KeyRef::Vault { scheme, key } => Ok(Arc::new(vault::VaultKey::open(
-            scheme,
-            key,
-            &options.vault,
-        )?)),
+        KeyRef::Vault { scheme, key } => {
+            let key = vault::VaultKey::open(scheme, key, &options.vault)?;
+            Ok(remote(Arc::new(key)))
+        }
         other => {
             let scheme = other.scheme();
             let hint = SCHEMES

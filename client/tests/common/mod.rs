@@ -11,7 +11,7 @@ use std::{
     sync::Arc,
 };
 
-use keybroker_broker::{build_state, config::Config};
+use keybroker_broker::{build_state, config::Config, keys::Startup};
 use keybroker_client::registry::{Credentials, ImageRef, Registry, RegistryOptions};
 use keybroker_providers::{pem, P256Signer};
 
@@ -128,7 +128,11 @@ impl TestBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("broker.sock");
         let config = Config::parse(config_text).expect("config parses");
-        let state = Arc::new(build_state(&config).await.expect("keys open"));
+        let state = Arc::new(
+            build_state(&config, Startup::Lenient)
+                .await
+                .expect("keys open"),
+        );
         let (listener, guard) =
             keybroker_broker::listen::bind_unix(&socket, 0o600, None).expect("bind");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
