@@ -76,6 +76,22 @@ pub struct VaultKeyConfig {
     pub key_version: Option<u64>,
     /// Per-request timeout in milliseconds (default 10000).
     pub timeout_ms: Option<u64>,
+    /// Log in with AppRole instead of a token.
+    pub approle: Option<AppRoleConfig>,
+}
+
+/// `[keys.NAME.vault.approle]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRoleConfig {
+    /// Auth mount (default "approle").
+    pub mount: Option<String>,
+    /// Role id.
+    pub role_id: String,
+    /// Environment variable holding the secret id.
+    pub secret_id_env: Option<String>,
+    /// File holding the secret id (trailing newline ignored).
+    pub secret_id_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for KeyConfig {

@@ -141,7 +141,26 @@ fn vault_options(
         ),
         (None, None) => None,
     };
+    let approle = match &v.approle {
+        None => None,
+        Some(a) => {
+            let secret_id = match (&a.secret_id_env, &a.secret_id_file) {
+                (Some(var), None) => std::env::var(var).map_err(|_| format!("key {alias:?}: vault.approle.secret_id_env {var} is not set"))?,
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("key {alias:?}: vault.approle.secret_id_file {}: {e}", path.display()))?
+                    .trim_end()
+                    .to_string(),
+                _ => return Err(format!("key {alias:?}: vault.approle needs exactly one of secret_id_env, secret_id_file")),
+            };
+            Some(keybroker_providers::vault::AppRole {
+                mount: a.mount.clone().unwrap_or_else(|| "approle".into()),
+                role_id: a.role_id.clone(),
+                secret_id: zeroize::Zeroizing::new(secret_id),
+            })
+        }
+    };
     Ok(keybroker_providers::vault::VaultOptions {
+        approle,
         address: v.address.clone(),
         mount: v.mount.clone(),
         namespace: v.namespace.clone(),

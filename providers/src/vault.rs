@@ -6,7 +6,11 @@
 //! newest version's. Auth today: a token (config or `VAULT_TOKEN`); callers of the
 //! broker never see it.
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use vaultrs::{
@@ -30,8 +34,11 @@ pub struct VaultOptions {
     pub mount: Option<String>,
     /// Vault Enterprise namespace; default `VAULT_NAMESPACE`.
     pub namespace: Option<String>,
-    /// Token; default `VAULT_TOKEN`.
+    /// Token; default `VAULT_TOKEN`. Ignored when `approle` is set.
     pub token: Option<Zeroizing<String>>,
+    /// Log in with AppRole instead of a fixed token; the broker logs in again
+    /// before the token's lease runs out (and once on a 403).
+    pub approle: Option<AppRole>,
     /// Pin a key version (sign and public key); default: the newest.
     pub key_version: Option<u64>,
     /// Per-request timeout; default 10 s.
@@ -45,9 +52,37 @@ impl fmt::Debug for VaultOptions {
             .field("mount", &self.mount)
             .field("namespace", &self.namespace)
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .field("approle", &self.approle)
             .field("key_version", &self.key_version)
             .finish()
     }
+}
+
+/// AppRole credentials.
+#[derive(Clone)]
+pub struct AppRole {
+    /// Auth mount (default `approle`).
+    pub mount: String,
+    /// Role id (not secret on its own).
+    pub role_id: String,
+    /// Secret id.
+    pub secret_id: Zeroizing<String>,
+}
+
+impl fmt::Debug for AppRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppRole")
+            .field("mount", &self.mount)
+            .field("role_id", &self.role_id)
+            .field("secret_id", &"[redacted]")
+            .finish()
+    }
+}
+
+/// A logged-in client and when to log in again.
+struct Session {
+    client: Arc<VaultClient>,
+    relogin_at: Option<Instant>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -56,7 +91,9 @@ fn env(name: &str) -> Option<String> {
 
 /// A transit key.
 pub struct VaultKey {
-    client: VaultClient,
+    settings: (String, Option<String>, Duration),
+    approle: Option<AppRole>,
+    session: tokio::sync::RwLock<Session>,
     mount: String,
     key: String,
     id: String,
@@ -97,41 +134,110 @@ impl VaultKey {
         let address = options.address.clone().or_else(|| env("VAULT_ADDR")).ok_or_else(|| {
             Error::InvalidArgument(format!("{scheme}://{key}: no Vault address (set VAULT_ADDR or the key's vault address)"))
         })?;
-        let token = options
-            .token
-            .clone()
-            .or_else(|| env("VAULT_TOKEN").map(Zeroizing::new))
-            .ok_or_else(|| {
-                Error::PermissionDenied(format!(
-                    "{scheme}://{key}: no Vault token (set VAULT_TOKEN or the key's token source)"
-                ))
-            })?;
         let mount = options
             .mount
             .clone()
             .or_else(|| env("TRANSIT_SECRET_ENGINE_PATH"))
             .unwrap_or_else(|| "transit".into());
-        let mut settings = VaultClientSettingsBuilder::default();
-        settings
-            .address(&address)
-            .token(token.as_str())
-            .timeout(Some(options.timeout.unwrap_or(Duration::from_secs(10))));
-        if let Some(ns) = options.namespace.clone().or_else(|| env("VAULT_NAMESPACE")) {
-            settings.namespace(Some(ns));
-        }
-        let settings = settings.build().map_err(|e| {
-            Error::InvalidArgument(format!("{scheme}://{key}: Vault settings: {e}"))
-        })?;
-        let client =
-            VaultClient::new(settings).map_err(|e| map_err(&format!("{scheme}://{key}"), e))?;
+        let namespace = options.namespace.clone().or_else(|| env("VAULT_NAMESPACE"));
+        let timeout = options.timeout.unwrap_or(Duration::from_secs(10));
+        let id = format!("{scheme}://{key}");
+        let settings = (address, namespace, timeout);
+        let (client, relogin_at) = match &options.approle {
+            // Logged in on first use: opening never blocks on the network.
+            Some(_) => (client_with_token(&settings, "", &id)?, Some(Instant::now())),
+            None => {
+                let token = options
+                    .token
+                    .clone()
+                    .or_else(|| env("VAULT_TOKEN").map(Zeroizing::new))
+                    .ok_or_else(|| {
+                        Error::PermissionDenied(format!(
+                            "{id}: no Vault token (set VAULT_TOKEN, or the key's token or AppRole)"
+                        ))
+                    })?;
+                (client_with_token(&settings, &token, &id)?, None)
+            }
+        };
         Ok(VaultKey {
-            client,
-            mount: mount.clone(),
+            settings,
+            approle: options.approle.clone(),
+            session: tokio::sync::RwLock::new(Session {
+                client: Arc::new(client),
+                relogin_at,
+            }),
+            mount,
             key: key.to_string(),
-            id: format!("{scheme}://{key}"),
+            id,
             key_version: options.key_version,
         })
     }
+
+    /// The client to use now, logging in (again) first when the token is due.
+    async fn client(&self, force_login: bool) -> Result<Arc<VaultClient>> {
+        {
+            let s = self.session.read().await;
+            if !force_login && s.relogin_at.is_none_or(|at| Instant::now() < at) {
+                return Ok(s.client.clone());
+            }
+        }
+        let Some(approle) = &self.approle else {
+            return Ok(self.session.read().await.client.clone());
+        };
+        let mut s = self.session.write().await;
+        // Another request may have logged in while we waited for the lock.
+        if !force_login && s.relogin_at.is_some_and(|at| Instant::now() < at) {
+            return Ok(s.client.clone());
+        }
+        let anonymous = client_with_token(&self.settings, "", &self.id)?;
+        let auth = vaultrs::auth::approle::login(
+            &anonymous,
+            &approle.mount,
+            &approle.role_id,
+            &approle.secret_id,
+        )
+        .await
+        .map_err(|e| map_err(&format!("{}: AppRole login", self.id), e))?;
+        let token = Zeroizing::new(auth.client_token);
+        // Log in again after two thirds of the lease, well before it runs out.
+        let lease = Duration::from_secs(auth.lease_duration.max(3));
+        s.client = Arc::new(client_with_token(&self.settings, &token, &self.id)?);
+        s.relogin_at = Some(Instant::now() + lease * 2 / 3);
+        tracing::debug!(key = %self.id, ?lease, "logged in to Vault with AppRole");
+        Ok(s.client.clone())
+    }
+
+    /// Runs `op` with a current client; with AppRole, a 403 triggers one fresh
+    /// login and a retry (the token may have been revoked early).
+    async fn with_client<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match op(self.client(false).await?).await {
+            Err(Error::PermissionDenied(_)) if self.approle.is_some() => {
+                op(self.client(true).await?).await
+            }
+            other => other,
+        }
+    }
+}
+
+fn client_with_token(
+    settings: &(String, Option<String>, Duration),
+    token: &str,
+    id: &str,
+) -> Result<VaultClient> {
+    let (address, namespace, timeout) = settings;
+    let mut b = VaultClientSettingsBuilder::default();
+    b.address(address).token(token).timeout(Some(*timeout));
+    if let Some(ns) = namespace {
+        b.namespace(Some(ns.clone()));
+    }
+    let built = b
+        .build()
+        .map_err(|e| Error::InvalidArgument(format!("{id}: Vault settings: {e}")))?;
+    VaultClient::new(built).map_err(|e| map_err(id, e))
 }
 
 /// Splits `vault:vN:BASE64` into (N, DER bytes).
@@ -163,23 +269,30 @@ impl KeyProvider for VaultKey {
     }
 
     async fn sign_digest(&self, digest: &Sha256Digest) -> Result<Signature> {
-        let mut req = SignDataRequest::builder();
-        req.prehashed(true)
-            .hash_algorithm(HashAlgorithm::Sha2_256)
-            .marshaling_algorithm(vaultrs::api::transit::MarshalingAlgorithm::Asn1);
-        if let Some(v) = self.key_version {
-            req.key_version(v);
-        }
         let input = B64.encode(digest.as_bytes());
-        let resp = vaultrs::transit::data::sign(
-            &self.client,
-            &self.mount,
-            &self.key,
-            &input,
-            Some(&mut req),
-        )
-        .await
-        .map_err(|e| map_err(&format!("sign with {}", self.id), e))?;
+        let resp = self
+            .with_client(|client| {
+                let input = input.clone();
+                async move {
+                    let mut req = SignDataRequest::builder();
+                    req.prehashed(true)
+                        .hash_algorithm(HashAlgorithm::Sha2_256)
+                        .marshaling_algorithm(vaultrs::api::transit::MarshalingAlgorithm::Asn1);
+                    if let Some(v) = self.key_version {
+                        req.key_version(v);
+                    }
+                    vaultrs::transit::data::sign(
+                        client.as_ref(),
+                        &self.mount,
+                        &self.key,
+                        &input,
+                        Some(&mut req),
+                    )
+                    .await
+                    .map_err(|e| map_err(&format!("sign with {}", self.id), e))
+                }
+            })
+            .await?;
         let (version, der) = parse_vault_signature(&resp.signature)?;
         Ok(Signature {
             der,
@@ -188,9 +301,13 @@ impl KeyProvider for VaultKey {
     }
 
     async fn public_key(&self) -> Result<PublicKey> {
-        let resp = vaultrs::transit::key::read(&self.client, &self.mount, &self.key)
-            .await
-            .map_err(|e| map_err(&format!("read {}", self.id), e))?;
+        let resp = self
+            .with_client(|client| async move {
+                vaultrs::transit::key::read(client.as_ref(), &self.mount, &self.key)
+                    .await
+                    .map_err(|e| map_err(&format!("read {}", self.id), e))
+            })
+            .await?;
         let ReadKeyData::Asymmetric(versions) = resp.keys else {
             return Err(Error::KeyFormat(format!(
                 "{} is a symmetric transit key; keybroker needs ecdsa-p256",

