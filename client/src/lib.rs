@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod cosign;
 mod error;
+pub mod provision;
 pub mod registry;
 pub mod sign;
 

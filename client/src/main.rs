@@ -13,6 +13,7 @@ use futures::StreamExt;
 use keybroker_client::{
     broker,
     cosign::verify_image,
+    provision::{create_vault_key, write_public, VaultTarget},
     registry::{Credentials, ImageRef, Registry, RegistryOptions},
     sign::sign_image,
     Error,
@@ -98,8 +99,10 @@ enum Command {
     Keys,
     /// Generate an encrypted key pair in cosign's format (cosign.key + cosign.pub).
     ///
-    /// The password comes from COSIGN_PASSWORD, or is asked for on the terminal.
-    /// Only file output is built so far; other references say what is missing.
+    /// Without a reference: cosign.key (encrypted; password from COSIGN_PASSWORD or
+    /// asked for on the terminal) and cosign.pub in the current directory.
+    /// With hashivault://NAME or openbao://NAME: creates an ecdsa-p256 transit key
+    /// (VAULT_ADDR, VAULT_TOKEN, TRANSIT_SECRET_ENGINE_PATH) and writes cosign.pub.
     GenerateKeyPair {
         /// Where to create the key: omitted for files in the current directory
         reference: Option<String>,
@@ -363,10 +366,30 @@ async fn generate_key_pair(
 ) -> Result<(), Error> {
     if let Some(r) = reference {
         let key_ref = KeyRef::parse(r)?;
-        return Err(Error::Key(keybroker_providers::Error::NotBuilt {
-            scheme: key_ref.scheme(),
-            hint: " for generate-key-pair yet; omit the reference to write cosign.key and cosign.pub here".into(),
-        }));
+        return match &key_ref {
+            KeyRef::Vault { key, .. } => {
+                let pub_path = PathBuf::from(format!("{prefix}.pub"));
+                if pub_path.exists() && !force {
+                    return Err(Error::Other(format!("{} already exists; pass --force to overwrite it", pub_path.display())));
+                }
+                let target = VaultTarget::from_env()?;
+                let token = Zeroizing::new(
+                    std::env::var("VAULT_TOKEN").map_err(|_| Error::Other("set VAULT_TOKEN to a token that may create transit keys".into()))?,
+                );
+                let pem = create_vault_key(&target, &token, key).await?;
+                write_public(&pub_path, &pem)?;
+                eprintln!("Created transit key {key} (ecdsa-p256) in {} at {}\nPublic key written to {}", target.mount, target.address, pub_path.display());
+                Ok(())
+            }
+            KeyRef::File(path) => Err(Error::Other(format!(
+                "write file keys with --output-key-prefix (got {}); the reference form is for remote key sources",
+                path.display()
+            ))),
+            other => Err(Error::Key(keybroker_providers::Error::NotBuilt {
+                scheme: other.scheme(),
+                hint: " for generate-key-pair yet (built: file keys, hashivault://, openbao://)".into(),
+            })),
+        };
     }
     let key_path = PathBuf::from(format!("{prefix}.key"));
     let pub_path = PathBuf::from(format!("{prefix}.pub"));

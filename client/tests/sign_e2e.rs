@@ -9,6 +9,7 @@ use keybroker_client::{
     registry::{sha256_digest, ImageRef, OCI_MANIFEST},
 };
 use serde_json::Value;
+use std::path::Path;
 
 fn config_for(keys: &[(&str, &TestKey)], extra_rule: &str) -> String {
     let mut c = String::new();
@@ -472,4 +473,68 @@ async fn a_hung_backend_does_not_slow_other_keys() {
         "bounded timeout + retries, took {hung_for:?}"
     );
     drop(black_hole);
+}
+
+#[tokio::test]
+async fn generate_key_pair_creates_a_transit_key_the_broker_signs_with() {
+    let Some(reg) = anon_registry() else { return };
+    let (addr, token) = match (
+        std::env::var("KEYBROKER_TEST_VAULT_ADDR"),
+        std::env::var("KEYBROKER_TEST_VAULT_TOKEN"),
+    ) {
+        (Ok(a), Ok(t)) if !a.is_empty() => (a, t),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("KEYBROKER_TEST_VAULT_ADDR not set: run through scripts/test.sh")
+        }
+        _ => return,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("gen-{}", std::process::id());
+    let prefix = dir.path().join("release");
+    let vault_env = [
+        ("VAULT_ADDR", addr.as_str()),
+        ("VAULT_TOKEN", token.as_str()),
+    ];
+    let args = [
+        "generate-key-pair",
+        &format!("openbao://{name}"),
+        "--output-key-prefix",
+        prefix.to_str().unwrap(),
+    ];
+    let out = keybroker(Path::new("/nonexistent.sock"), &args, &vault_env).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pub_path = dir.path().join("release.pub");
+    assert!(std::fs::read_to_string(&pub_path)
+        .unwrap()
+        .starts_with("-----BEGIN PUBLIC KEY-----"));
+    assert!(
+        !dir.path().join("release.key").exists(),
+        "no private key leaves Vault"
+    );
+    // Running it again must not replace the key.
+    let out = keybroker(
+        Path::new("/nonexistent.sock"),
+        &[&args[..], &["--force"]].concat(),
+        &vault_env,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    let broker = TestBroker::start(&format!(
+        "[keys.gen]\nref = \"openbao://{name}\"\n[keys.gen.vault]\naddress = \"{addr}\"\ntoken_env = \"KEYBROKER_TEST_VAULT_TOKEN\"\n[[policy]]\ncallers = [\"uid:{}\"]\nkeys = [\"gen\"]\nimages = [\"**\"]\n",
+        uid()
+    ))
+    .await;
+    reg.push_image("e2e/generated", "v1").await;
+    let image = format!("{}/e2e/generated:v1", reg.addr);
+    let out = keybroker(&broker.socket, &["sign", &image, "--key", "gen"], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = keybroker(
+        &broker.socket,
+        &["verify", &image, "--key", pub_path.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
 }
