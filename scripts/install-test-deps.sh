@@ -20,3 +20,8 @@ if ! command -v bao >/dev/null 2>&1; then
   hash -r
 fi
 command -v bao >/dev/null || { echo "install-test-deps: bao not on PATH after pip install" >&2; exit 1; }
+# moto's server stands in for AWS KMS (tests/aws/moto_kms_server.py patches its DIGEST defect).
+if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install moto[server]"
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]'
+fi

@@ -12,6 +12,7 @@ state=$(mktemp -d -t keybroker-test.XXXXXX)
 cleanup() {
   scripts/registry.sh stop "$state" || true
   scripts/openbao.sh stop "$state" || true
+  scripts/moto.sh stop "$state" || true
   rm -rf "$state"
 }
 trap cleanup EXIT
@@ -21,19 +22,22 @@ cargo build --workspace --all-targets --locked
 
 # The client links no cloud SDK even when the workspace build unifies the
 # daemon's provider features (ARCHITECTURE.md).
-if nm -C target/debug/keybroker | grep -q 'vaultrs::'; then
-  echo "keybroker (client) links vaultrs" >&2; exit 1
+if nm -C target/debug/keybroker | grep -qE 'vaultrs::|aws_sdk_kms::'; then
+  echo "keybroker (client) links a cloud SDK" >&2; exit 1
 fi
 
 echo "== servers"
 scripts/registry.sh start "$state"
 scripts/openbao.sh start "$state"
+scripts/moto.sh start "$state"
 # shellcheck disable=SC1091
 source "$state/registry.env"
 # shellcheck disable=SC1091
 source "$state/openbao.env"
+# shellcheck disable=SC1091
+source "$state/moto.env"
 export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_AUTH_REGISTRY KEYBROKER_TEST_AUTH_USER KEYBROKER_TEST_AUTH_PASSWORD
-export KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN
+export KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN KEYBROKER_TEST_AWS_ENDPOINT
 
 echo "== tests"
 # CI=true makes tests that need a server fail (not skip) when it is missing.

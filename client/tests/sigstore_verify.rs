@@ -178,3 +178,38 @@ async fn openbao_transit_key_signs_images_that_sigstore_rs_verifies() {
         stdout(&out)
     );
 }
+
+#[tokio::test]
+async fn aws_kms_key_signs_images_that_sigstore_rs_verifies() {
+    let Some(reg) = anon_registry() else { return };
+    let endpoint = match std::env::var("KEYBROKER_TEST_AWS_ENDPOINT") {
+        Ok(e) if !e.is_empty() => e,
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("KEYBROKER_TEST_AWS_ENDPOINT not set: run through scripts/test.sh")
+        }
+        _ => return,
+    };
+    let alias = format!("alias/e2e-{}", std::process::id());
+    keybroker_providers::aws_kms::AwsKmsKey::create(Some(&endpoint), &alias)
+        .await
+        .expect("create KMS key in moto");
+    let broker = TestBroker::start(&format!(
+        "[keys.kms]\nref = \"awskms://{endpoint}/{alias}\"\n[[policy]]\ncallers = [\"uid:{}\"]\nkeys = [\"kms\"]\nimages = [\"**\"]\n",
+        uid()
+    ))
+    .await;
+    let digest = reg.push_image("e2e/kms", "v1").await;
+    let image = format!("{}/e2e/kms:v1", reg.addr);
+    let out = keybroker(
+        &broker.socket,
+        &["sign", &image, "--key", "kms", "-a", "commit=kms"],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let public_pem = stdout(&keybroker(&broker.socket, &["public-key", "--key", "kms"], &[]).await);
+    assert_eq!(
+        sigstore_verified_layers(&image, &digest, &public_pem, Auth::Anonymous).await,
+        1
+    );
+}

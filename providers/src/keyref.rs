@@ -40,7 +40,7 @@ pub const SCHEMES: &[Scheme] = &[
     Scheme {
         name: "awskms",
         feature: Some("aws"),
-        built: false,
+        built: cfg!(feature = "aws"),
         example: "awskms:///alias/NAME",
     },
     Scheme {

@@ -8,6 +8,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "aws")]
+pub mod aws_kms;
 pub mod cosign_key;
 pub mod ecdsa;
 mod env;
@@ -121,7 +123,7 @@ pub struct OpenOptions {
 
 /// What every remote key source gets: retries with jittered backoff around a
 /// public-key cache (5 minutes, one fetch in flight per key).
-#[cfg(feature = "vault")]
+#[cfg(any(feature = "vault", feature = "aws"))]
 fn remote(provider: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
     let cached = Arc::new(wrap::CachedPublicKey::new(
         provider,
@@ -148,6 +150,11 @@ pub async fn open(key_ref: &KeyRef, options: &OpenOptions) -> Result<Arc<dyn Key
     match key_ref {
         KeyRef::File(path) => Ok(Arc::new(FileKey::open(path, options.password.as_ref())?)),
         KeyRef::Env(var) => Ok(Arc::new(EnvKey::open(var, options.password.as_ref())?)),
+        #[cfg(feature = "aws")]
+        KeyRef::AwsKms { endpoint, key_id } => {
+            let key = aws_kms::AwsKmsKey::open(endpoint.as_deref(), key_id).await?;
+            Ok(remote(Arc::new(key)))
+        }
         #[cfg(feature = "vault")]
         KeyRef::Vault { scheme, key } => {
             let key = vault::VaultKey::open(scheme, key, &options.vault)?;
