@@ -25,6 +25,11 @@ struct Args {
     /// Validate this config file (keys included) and exit.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
+    /// Create this key in its backend (awskms://…/alias/NAME, hashivault://NAME,
+    /// openbao://NAME), print its public key (PEM) and exit. Uses the same
+    /// credentials the daemon would (AWS chain; VAULT_ADDR, VAULT_TOKEN).
+    #[arg(long, value_name = "REF", conflicts_with_all = ["config", "check_config"])]
+    create_key: Option<String>,
     /// Override the socket path of the config.
     #[arg(long, env = "KEYBROKER_SOCKET")]
     socket: Option<PathBuf>,
@@ -70,6 +75,15 @@ fn init_logging(format: &str) {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    if let Some(reference) = &args.create_key {
+        let key_ref = keybroker_providers::KeyRef::parse(reference).map_err(|e| e.to_string())?;
+        let public = keybroker_providers::create_key(&key_ref, &Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        print!("{}", public.pem);
+        tracing::info!(key = %key_ref, "created");
+        return Ok(());
+    }
     if let Some(path) = &args.check_config {
         let cfg = config::Config::load(path)?;
         build_state(&cfg, keys::Startup::Strict).await?;

@@ -346,3 +346,53 @@ fn check_config_validates_and_explains() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("known schemes are"));
 }
+
+fn test_env(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{name} not set: run through scripts/test.sh")
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn create_key_makes_kms_and_transit_keys_once() {
+    let (Some(aws), Some(bao), Some(bao_token)) = (
+        test_env("KEYBROKER_TEST_AWS_ENDPOINT"),
+        test_env("KEYBROKER_TEST_VAULT_ADDR"),
+        test_env("KEYBROKER_TEST_VAULT_TOKEN"),
+    ) else {
+        return;
+    };
+    let n = std::process::id();
+    for reference in [
+        format!("awskms://{aws}/alias/created-{n}"),
+        format!("openbao://created-{n}"),
+    ] {
+        let run = || {
+            Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+                .args(["--create-key", &reference])
+                .env("VAULT_ADDR", &bao)
+                .env("VAULT_TOKEN", &bao_token)
+                .output()
+                .unwrap()
+        };
+        let first = run();
+        assert!(
+            first.status.success(),
+            "{reference}: {}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        let pem = String::from_utf8(first.stdout).unwrap();
+        keybroker_providers::ecdsa::normalize_public_pem(&pem).expect("a P-256 public key");
+        let again = run();
+        assert!(!again.status.success(), "{reference} created twice");
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("already exists"),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+    }
+}

@@ -385,6 +385,9 @@ async fn generate_key_pair(
                 "write file keys with --output-key-prefix (got {}); the reference form is for remote key sources",
                 path.display()
             ))),
+            KeyRef::AwsKms { .. } => Err(Error::Other(format!(
+                "creating KMS keys needs the AWS SDK, which this client does not link: run `keybrokerd --create-key {r} > {prefix}.pub` where the daemon's AWS credentials are"
+            ))),
             other => Err(Error::Key(keybroker_providers::Error::NotBuilt {
                 scheme: other.scheme(),
                 hint: " for generate-key-pair yet (built: file keys, hashivault://, openbao://)".into(),

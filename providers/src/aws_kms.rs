@@ -121,9 +121,26 @@ impl AwsKmsKey {
     }
 
     /// Creates an `ECC_NIST_P256` `SIGN_VERIFY` key and points `alias/NAME` at it;
-    /// returns the new key's id.
+    /// returns the new key's id. An alias that already exists is refused before
+    /// any key is created.
     pub async fn create(endpoint: Option<&str>, alias: &str) -> Result<String> {
         let key = AwsKmsKey::open(endpoint, alias).await?;
+        let alias_name = if alias.starts_with("alias/") {
+            alias.to_string()
+        } else {
+            format!("alias/{alias}")
+        };
+        match key.client.describe_key().key_id(&alias_name).send().await {
+            Ok(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{alias_name} already exists; not creating another key"
+                )))
+            }
+            Err(e) => match map_err("DescribeKey", e) {
+                Error::NotFound(_) => {}
+                other => return Err(other),
+            },
+        }
         let created = key
             .client
             .create_key()

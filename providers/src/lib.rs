@@ -145,6 +145,34 @@ pub fn open_local(key_ref: &KeyRef, password: Option<&Password>) -> Result<Arc<d
     }
 }
 
+/// Creates a key in its backend (where the scheme can) and returns its public key.
+/// Existing keys are never replaced.
+pub async fn create_key(key_ref: &KeyRef, options: &OpenOptions) -> Result<PublicKey> {
+    match key_ref {
+        #[cfg(feature = "aws")]
+        KeyRef::AwsKms { endpoint, key_id } => {
+            let id = aws_kms::AwsKmsKey::create(endpoint.as_deref(), key_id).await?;
+            aws_kms::AwsKmsKey::open(endpoint.as_deref(), &id)
+                .await?
+                .public_key()
+                .await
+        }
+        #[cfg(feature = "vault")]
+        KeyRef::Vault { scheme, key } => {
+            let key = vault::VaultKey::open(scheme, key, &options.vault)?;
+            key.create().await?;
+            key.public_key().await
+        }
+        other => {
+            let _ = options;
+            Err(Error::Unsupported(format!(
+                "creating {}:// keys here (files: keybroker generate-key-pair)",
+                other.scheme()
+            )))
+        }
+    }
+}
+
 /// Opens the key a reference names.
 pub async fn open(key_ref: &KeyRef, options: &OpenOptions) -> Result<Arc<dyn KeyProvider>> {
     match key_ref {

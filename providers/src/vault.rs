@@ -240,6 +240,30 @@ fn client_with_token(
     VaultClient::new(built).map_err(|e| map_err(id, e))
 }
 
+impl VaultKey {
+    /// Creates the transit key as `ecdsa-p256`, refusing to touch an existing one.
+    pub async fn create(&self) -> Result<()> {
+        match self.public_key().await {
+            Ok(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} already exists; not touching it",
+                    self.id
+                )))
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(other) => return Err(other),
+        }
+        self.with_client(|client| async move {
+            let mut req = vaultrs::api::transit::requests::CreateKeyRequest::builder();
+            req.key_type(vaultrs::api::transit::KeyType::EcdsaP256);
+            vaultrs::transit::key::create(client.as_ref(), &self.mount, &self.key, Some(&mut req))
+                .await
+                .map_err(|e| map_err(&format!("create {}", self.id), e))
+        })
+        .await
+    }
+}
+
 /// Splits `vault:vN:BASE64` into (N, DER bytes).
 pub fn parse_vault_signature(s: &str) -> Result<(u64, Vec<u8>)> {
     let bad = || {
