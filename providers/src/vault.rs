@@ -115,6 +115,8 @@ fn map_err(what: &str, e: ClientError) -> Error {
         ClientError::APIError { code, errors } => {
             let msg = format!("{what}: Vault answered {code}: {}", errors.join("; "));
             match code {
+                // Transit answers 400 "signing key not found" for a missing key.
+                400 if errors.iter().any(|e| e.contains("not found")) => Error::NotFound(msg),
                 400 => Error::InvalidArgument(msg),
                 401 | 403 => Error::PermissionDenied(msg),
                 404 => Error::NotFound(msg),

@@ -52,6 +52,12 @@ async fn kms_key_passes_the_conformance_suite_by_alias_and_by_id() {
         assert_eq!(key.key_id(), reference);
         conformance::run_all(key, "").await;
     }
+    let missing = open(
+        &KeyRef::parse(&format!("awskms://{ep}/alias/no-such-key")).unwrap(),
+        &OpenOptions::default(),
+    )
+    .await;
+    conformance::missing_key_is_not_found(missing).await;
 }
 
 #[tokio::test]

@@ -53,6 +53,26 @@ async fn reads_every_fixture_key_and_matches_its_pub() {
     assert_eq!(seen, FIXTURES.len());
 }
 
+#[tokio::test]
+async fn missing_file_and_env_keys_are_not_found() {
+    conformance::missing_key_is_not_found(
+        open(
+            &KeyRef::parse("/nonexistent/cosign.key").unwrap(),
+            &OpenOptions::default(),
+        )
+        .await,
+    )
+    .await;
+    conformance::missing_key_is_not_found(
+        open(
+            &KeyRef::parse("env://KB_TEST_NEVER_SET").unwrap(),
+            &OpenOptions::default(),
+        )
+        .await,
+    )
+    .await;
+}
+
 #[test]
 fn wrong_password_is_a_clear_error() {
     let path = fixtures().join("legacy_cosign_label_password_123.key");

@@ -85,6 +85,14 @@ async fn transit_key_passes_the_conformance_suite() {
     .unwrap();
     assert_eq!(key.key_id(), format!("openbao://{name}"));
     conformance::run_all(key, "1").await;
+    conformance::missing_key_is_not_found(
+        open(
+            &KeyRef::parse("openbao://no-such-key").unwrap(),
+            &options(&addr, &token),
+        )
+        .await,
+    )
+    .await;
 }
 
 #[tokio::test]

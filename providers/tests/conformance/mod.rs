@@ -60,6 +60,21 @@ pub async fn key_version_is_reported(p: &dyn KeyProvider, expected: &str) {
     );
 }
 
+/// A key that does not exist is NOT_FOUND, whether opening or first use says so.
+pub async fn missing_key_is_not_found(opened: keybroker_providers::Result<Arc<dyn KeyProvider>>) {
+    let err = match opened {
+        Err(e) => e,
+        Ok(p) => p
+            .sign_digest(&Sha256Digest::of(b"x"))
+            .await
+            .expect_err("signed with a missing key"),
+    };
+    assert!(
+        matches!(err, keybroker_providers::Error::NotFound(_)),
+        "{err}"
+    );
+}
+
 /// Everything above.
 pub async fn run_all(p: Arc<dyn KeyProvider>, expected_version: &str) {
     sign_verifies_with_own_public_key(p.as_ref()).await;
