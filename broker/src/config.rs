@@ -52,6 +52,9 @@ pub struct KeyConfig {
     pub password_env: Option<String>,
     /// File holding the password of an encrypted key (trailing newline ignored).
     pub password_file: Option<PathBuf>,
+    /// PEM public key of this key, for backend credentials that may sign but not
+    /// read the key (e.g. a Vault token with only `transit/sign`). Must match.
+    pub public_key_file: Option<PathBuf>,
     /// Vault / OpenBao settings for `hashivault://` and `openbao://` keys.
     #[serde(default)]
     pub vault: Option<VaultKeyConfig>,
@@ -202,6 +205,7 @@ impl Config {
                 reference: data_dir.join(DEV_KEY_FILE).display().to_string(),
                 password_env: None,
                 password_file: None,
+                public_key_file: None,
                 vault: None,
             },
         );

@@ -78,9 +78,16 @@ pub async fn open_all(
             #[cfg(feature = "vault")]
             vault: vault_options(alias, kc)?,
         };
-        let provider = open(&key_ref, &options)
+        let mut provider = open(&key_ref, &options)
             .await
             .map_err(|e| format!("key {alias:?}: {e}"))?;
+        if let Some(path) = &kc.public_key_file {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("key {alias:?}: public_key_file {}: {e}", path.display()))?;
+            let fixed = keybroker_providers::wrap::StaticPublicKey::new(provider, &pem, "")
+                .map_err(|e| format!("key {alias:?}: public_key_file {}: {e}", path.display()))?;
+            provider = Arc::new(fixed);
+        }
         let local = matches!(key_ref.scheme(), "file" | "env");
         let fetch = provider.public_key();
         let fetched = if startup == Startup::Lenient && !local {

@@ -538,3 +538,193 @@ async fn generate_key_pair_creates_a_transit_key_the_broker_signs_with() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// A loopback TCP forwarder in front of OpenBao that the test can take down
+/// and bring back on the same port: a backend outage and its recovery.
+struct Forwarder {
+    port: u16,
+    upstream: String,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Forwarder {
+    async fn start(port: u16, upstream: &str) -> Forwarder {
+        let f = Forwarder {
+            port,
+            upstream: upstream.to_string(),
+            tasks: Default::default(),
+        };
+        f.up().await;
+        f
+    }
+
+    async fn up(&self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("bind forwarder");
+        let upstream = self.upstream.clone();
+        let tasks = self.tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    fn down(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn vault_outage_sign_only_tokens_and_recovery() {
+    use keybroker_proto::v1::SignRequest;
+    let Some(reg) = anon_registry() else { return };
+    let (addr, root) = match (
+        std::env::var("KEYBROKER_TEST_VAULT_ADDR"),
+        std::env::var("KEYBROKER_TEST_VAULT_TOKEN"),
+    ) {
+        (Ok(a), Ok(t)) if !a.is_empty() => (a, t),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("KEYBROKER_TEST_VAULT_ADDR not set: run through scripts/test.sh")
+        }
+        _ => return,
+    };
+    let http = reqwest::Client::new();
+    let vault = |method: reqwest::Method, path: &str, body: &str| {
+        http.request(method, format!("{addr}/v1/{path}"))
+            .header("X-Vault-Token", &root)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let name = format!("outage-{}", std::process::id());
+    assert!(vault(
+        reqwest::Method::POST,
+        &format!("transit/keys/{name}"),
+        r#"{"type":"ecdsa-p256"}"#
+    )
+    .await
+    .unwrap()
+    .status()
+    .is_success());
+    let policy =
+        format!(r#"{{"policy":"path \"transit/sign/{name}\" {{ capabilities = [\"update\"] }}"}}"#);
+    assert!(vault(
+        reqwest::Method::PUT,
+        &format!("sys/policies/acl/{name}"),
+        &policy
+    )
+    .await
+    .unwrap()
+    .status()
+    .is_success());
+    let token_for = |policies: &str| {
+        let body = format!(r#"{{"policies":[{policies}]}}"#);
+        let fut = vault(reqwest::Method::POST, "auth/token/create", &body);
+        async move {
+            let v: Value =
+                serde_json::from_slice(&fut.await.unwrap().bytes().await.unwrap()).unwrap();
+            v["auth"]["client_token"]
+                .as_str()
+                .expect("token")
+                .to_string()
+        }
+    };
+    let sign_only = token_for(&format!("\"{name}\"")).await;
+    // Only Vault's "default" policy (an empty list would inherit root's policies).
+    let nothing = token_for("\"default\"").await;
+    let key_json: Value = serde_json::from_slice(
+        &vault(reqwest::Method::GET, &format!("transit/keys/{name}"), "")
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pub_path = dir.path().join("transit.pub");
+    std::fs::write(
+        &pub_path,
+        key_json["data"]["keys"]["1"]["public_key"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("sign-only.token"), &sign_only).unwrap();
+    std::fs::write(dir.path().join("nothing.token"), &nothing).unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let forwarder = Forwarder::start(port, addr.trim_start_matches("http://")).await;
+    let local = write_key(dir.path(), "local");
+    let via = format!("http://127.0.0.1:{port}");
+    let d = dir.path().display();
+    let broker = TestBroker::start(&format!(
+        "[keys.local]\nref = \"{}\"\n\
+         [keys.signonly]\nref = \"openbao://{name}\"\npublic_key_file = \"{d}/transit.pub\"\n[keys.signonly.vault]\naddress = \"{via}\"\ntoken_file = \"{d}/sign-only.token\"\n\
+         [keys.nosign]\nref = \"openbao://{name}\"\npublic_key_file = \"{d}/transit.pub\"\n[keys.nosign.vault]\naddress = \"{via}\"\ntoken_file = \"{d}/nothing.token\"\n\
+         [[policy]]\ncallers = [\"uid:{}\"]\nkeys = [\"*\"]\nimages = [\"**\"]\nallow_raw_digest = true\n",
+        local.key_path.display(),
+        uid()
+    ))
+    .await;
+
+    // A token that may only sign is enough, given the public key in the config.
+    reg.push_image("e2e/signonly", "v1").await;
+    let image = format!("{}/e2e/signonly:v1", reg.addr);
+    let out = keybroker(&broker.socket, &["sign", &image, "--key", "signonly"], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = keybroker(
+        &broker.socket,
+        &["verify", &image, "--key", pub_path.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = keybroker_client::broker::connect(&broker.socket)
+        .await
+        .unwrap();
+    let sign = |key: &str| SignRequest {
+        key: key.into(),
+        digest: vec![7; 32],
+    };
+    let e = c.sign(sign("nosign")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+
+    // Outage: clear UNAVAILABLE for the Vault key, file key unaffected.
+    forwarder.down();
+    let e = c.sign(sign("signonly")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        c.sign(sign("local"))
+            .await
+            .expect("file key during the outage");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Recovery: the same daemon signs again once Vault is back.
+    forwarder.up().await;
+    c.sign(sign("signonly"))
+        .await
+        .expect("Vault key after recovery");
+    forwarder.down();
+}

@@ -169,6 +169,55 @@ impl KeyProvider for CachedPublicKey {
     }
 }
 
+/// A public key given in the configuration, for backends whose credentials may
+/// only sign (a Vault token limited to `transit/sign`): `public_key()` answers
+/// from the configured PEM and never asks the backend.
+pub struct StaticPublicKey {
+    inner: Arc<dyn KeyProvider>,
+    public: PublicKey,
+}
+
+impl StaticPublicKey {
+    /// Wraps `inner`; `pem` must be a P-256 SPKI public key.
+    pub fn new(inner: Arc<dyn KeyProvider>, pem: &str, key_version: &str) -> Result<Self> {
+        let pem = crate::ecdsa::normalize_public_pem(pem)?;
+        Ok(StaticPublicKey {
+            inner,
+            public: PublicKey {
+                pem,
+                key_version: key_version.to_string(),
+            },
+        })
+    }
+}
+
+impl fmt::Debug for StaticPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticPublicKey")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyProvider for StaticPublicKey {
+    fn key_id(&self) -> &str {
+        self.inner.key_id()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn sign_digest(&self, digest: &Sha256Digest) -> Result<Signature> {
+        let mut sig = self.inner.sign_digest(digest).await?;
+        // The configured key stands for whatever version signs.
+        sig.key_version = self.public.key_version.clone();
+        Ok(sig)
+    }
+    async fn public_key(&self) -> Result<PublicKey> {
+        Ok(self.public.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
