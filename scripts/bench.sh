@@ -7,13 +7,16 @@ cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo build --release --locked -p keybroker-broker -p keybroker-client -p keybroker-bench
 state=$(mktemp -d -t keybroker-bench.XXXXXX)
-trap 'scripts/registry.sh stop "$state"; scripts/openbao.sh stop "$state"; rm -rf "$state"' EXIT
+trap 'scripts/registry.sh stop "$state"; scripts/openbao.sh stop "$state"; scripts/moto.sh stop "$state"; rm -rf "$state"' EXIT
 scripts/registry.sh start "$state" >/dev/null
 scripts/openbao.sh start "$state" >/dev/null
+scripts/moto.sh start "$state" >/dev/null
 # shellcheck disable=SC1091
 source "$state/registry.env"
 # shellcheck disable=SC1091
 source "$state/openbao.env"
-export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN
+# shellcheck disable=SC1091
+source "$state/moto.env"
+export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN KEYBROKER_TEST_AWS_ENDPOINT
 echo "date: $(date -u +%FT%TZ); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
 target/release/keybroker-bench

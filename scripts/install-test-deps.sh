@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
-# the real OCI registry (distribution 2.8), htpasswd for its basic auth, curl.
+# the real OCI registry (distribution 2.8), htpasswd for its basic auth, curl,
+# openssl (test CAs).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-need=(docker-registry apache2-utils curl)
+need=(docker-registry apache2-utils curl openssl)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -20,6 +20,7 @@ use keybroker_providers::{pem, P256Signer, Sha256Digest};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
+mod kms_phase;
 mod registry_phase;
 mod vault_phase;
 
@@ -239,11 +240,16 @@ async fn main() -> Result<(), BoxError> {
     if let Some(b) = &bao {
         b.create_key().await?;
     }
-    let daemon = start_daemon(
-        &dir,
-        &bao.as_ref().map(|b| b.key_config()).unwrap_or_default(),
-    )
-    .await?;
+    let kms = kms_phase::Kms::from_env();
+    if let Some(k) = &kms {
+        k.create_key().await?;
+    }
+    let extra_keys = format!(
+        "{}{}",
+        bao.as_ref().map(|b| b.key_config()).unwrap_or_default(),
+        kms.as_ref().map(|k| k.key_config()).unwrap_or_default()
+    );
+    let daemon = start_daemon(&dir, &extra_keys).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = rss_kib(daemon.child.id());
     println!(
@@ -315,6 +321,10 @@ async fn main() -> Result<(), BoxError> {
     match &bao {
         Some(b) => vault_phase::run(b, channels.clone(), &dir).await?,
         None => println!("## Vault\n\nskipped: KEYBROKER_TEST_VAULT_ADDR not set (scripts/bench.sh starts OpenBao)\n"),
+    }
+    match &kms {
+        Some(k) => kms_phase::run(k, channels.clone()).await?,
+        None => println!("## AWS KMS\n\nskipped: KEYBROKER_TEST_AWS_ENDPOINT not set (scripts/bench.sh starts moto)\n"),
     }
     match std::env::var("KEYBROKER_TEST_REGISTRY") {
         Ok(registry) if !registry.is_empty() => {

@@ -81,6 +81,21 @@ pub struct VaultKeyConfig {
     pub timeout_ms: Option<u64>,
     /// Log in with AppRole instead of a token.
     pub approle: Option<AppRoleConfig>,
+    /// Log in with the Kubernetes auth method (the pod's service-account token).
+    pub kubernetes: Option<KubernetesAuthConfig>,
+}
+
+/// `[keys.NAME.vault.kubernetes]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesAuthConfig {
+    /// Auth mount (default "kubernetes").
+    pub mount: Option<String>,
+    /// Vault role bound to the daemon's service account.
+    pub role: String,
+    /// Service-account token file (default
+    /// /var/run/secrets/kubernetes.io/serviceaccount/token), read at each login.
+    pub token_path: Option<PathBuf>,
 }
 
 /// `[keys.NAME.vault.approle]`.

@@ -166,8 +166,19 @@ fn vault_options(
             })
         }
     };
+    let kubernetes = v
+        .kubernetes
+        .as_ref()
+        .map(|k| keybroker_providers::vault::KubernetesAuth {
+            mount: k.mount.clone().unwrap_or_else(|| "kubernetes".into()),
+            role: k.role.clone(),
+            token_path: k.token_path.clone().unwrap_or_else(|| {
+                keybroker_providers::vault::KubernetesAuth::DEFAULT_TOKEN_PATH.into()
+            }),
+        });
     Ok(keybroker_providers::vault::VaultOptions {
         approle,
+        kubernetes,
         address: v.address.clone(),
         mount: v.mount.clone(),
         namespace: v.namespace.clone(),

@@ -3,8 +3,9 @@
 //! Signs a prehashed SHA-256 digest with `POST /v1/<mount>/sign/<key>/sha2-256`
 //! (`prehashed=true`, ASN.1 signature) through `vaultrs`; strips `vault:vN:` and
 //! reports N as the key version. The public key is the pinned version's, else the
-//! newest version's. Auth today: a token (config or `VAULT_TOKEN`); callers of the
-//! broker never see it.
+//! newest version's. Auth: a fixed token (config or `VAULT_TOKEN`), or an AppRole
+//! or Kubernetes service-account login that the provider renews by logging in
+//! again before the lease runs out; callers of the broker never see a token.
 
 use std::{
     fmt,
@@ -39,6 +40,9 @@ pub struct VaultOptions {
     /// Log in with AppRole instead of a fixed token; the broker logs in again
     /// before the token's lease runs out (and once on a 403).
     pub approle: Option<AppRole>,
+    /// Log in with the Kubernetes auth method (a service-account token), renewed
+    /// like AppRole. At most one of `approle` and `kubernetes`.
+    pub kubernetes: Option<KubernetesAuth>,
     /// Pin a key version (sign and public key); default: the newest.
     pub key_version: Option<u64>,
     /// Per-request timeout; default 10 s.
@@ -53,6 +57,7 @@ impl fmt::Debug for VaultOptions {
             .field("namespace", &self.namespace)
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
             .field("approle", &self.approle)
+            .field("kubernetes", &self.kubernetes)
             .field("key_version", &self.key_version)
             .finish()
     }
@@ -79,6 +84,68 @@ impl fmt::Debug for AppRole {
     }
 }
 
+/// Kubernetes auth method credentials: the pod's service-account token, read
+/// from `token_path` at every login (projected tokens are rotated by the kubelet).
+#[derive(Debug, Clone)]
+pub struct KubernetesAuth {
+    /// Auth mount (default `kubernetes`).
+    pub mount: String,
+    /// Vault role bound to the service account.
+    pub role: String,
+    /// Service-account token file (default
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
+    pub token_path: std::path::PathBuf,
+}
+
+impl KubernetesAuth {
+    /// The in-cluster default token path.
+    pub const DEFAULT_TOKEN_PATH: &'static str =
+        "/var/run/secrets/kubernetes.io/serviceaccount/token";
+}
+
+/// How the provider gets its Vault token when it is not a fixed one.
+#[derive(Debug, Clone)]
+enum Login {
+    AppRole(AppRole),
+    Kubernetes(KubernetesAuth),
+}
+
+impl Login {
+    fn name(&self) -> &'static str {
+        match self {
+            Login::AppRole(_) => "AppRole",
+            Login::Kubernetes(_) => "Kubernetes",
+        }
+    }
+
+    async fn login(&self, anonymous: &VaultClient, id: &str) -> Result<vaultrs::api::AuthInfo> {
+        let what = format!("{id}: {} login", self.name());
+        match self {
+            Login::AppRole(a) => {
+                vaultrs::auth::approle::login(anonymous, &a.mount, &a.role_id, &a.secret_id)
+                    .await
+                    .map_err(|e| map_err(&what, e))
+            }
+            Login::Kubernetes(k) => {
+                let jwt = Zeroizing::new(
+                    std::fs::read_to_string(&k.token_path)
+                        .map_err(|e| {
+                            Error::PermissionDenied(format!(
+                                "{what}: service-account token {}: {e}",
+                                k.token_path.display()
+                            ))
+                        })?
+                        .trim()
+                        .to_string(),
+                );
+                vaultrs::auth::kubernetes::login(anonymous, &k.mount, &k.role, &jwt)
+                    .await
+                    .map_err(|e| map_err(&what, e))
+            }
+        }
+    }
+}
+
 /// A logged-in client and when to log in again.
 struct Session {
     client: Arc<VaultClient>,
@@ -92,7 +159,7 @@ fn env(name: &str) -> Option<String> {
 /// A transit key.
 pub struct VaultKey {
     settings: (String, Option<String>, Duration),
-    approle: Option<AppRole>,
+    login: Option<Login>,
     session: tokio::sync::RwLock<Session>,
     mount: String,
     key: String,
@@ -145,7 +212,17 @@ impl VaultKey {
         let timeout = options.timeout.unwrap_or(Duration::from_secs(10));
         let id = format!("{scheme}://{key}");
         let settings = (address, namespace, timeout);
-        let (client, relogin_at) = match &options.approle {
+        let login = match (&options.approle, &options.kubernetes) {
+            (Some(a), None) => Some(Login::AppRole(a.clone())),
+            (None, Some(k)) => Some(Login::Kubernetes(k.clone())),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{id}: choose one of AppRole and Kubernetes auth, not both"
+                )))
+            }
+        };
+        let (client, relogin_at) = match &login {
             // Logged in on first use: opening never blocks on the network.
             Some(_) => (client_with_token(&settings, "", &id)?, Some(Instant::now())),
             None => {
@@ -155,7 +232,7 @@ impl VaultKey {
                     .or_else(|| env("VAULT_TOKEN").map(Zeroizing::new))
                     .ok_or_else(|| {
                         Error::PermissionDenied(format!(
-                            "{id}: no Vault token (set VAULT_TOKEN, or the key's token or AppRole)"
+                            "{id}: no Vault token (set VAULT_TOKEN, or the key's token, AppRole or Kubernetes auth)"
                         ))
                     })?;
                 (client_with_token(&settings, &token, &id)?, None)
@@ -163,7 +240,7 @@ impl VaultKey {
         };
         Ok(VaultKey {
             settings,
-            approle: options.approle.clone(),
+            login,
             session: tokio::sync::RwLock::new(Session {
                 client: Arc::new(client),
                 relogin_at,
@@ -183,7 +260,7 @@ impl VaultKey {
                 return Ok(s.client.clone());
             }
         }
-        let Some(approle) = &self.approle else {
+        let Some(login) = &self.login else {
             return Ok(self.session.read().await.client.clone());
         };
         let mut s = self.session.write().await;
@@ -192,32 +269,25 @@ impl VaultKey {
             return Ok(s.client.clone());
         }
         let anonymous = client_with_token(&self.settings, "", &self.id)?;
-        let auth = vaultrs::auth::approle::login(
-            &anonymous,
-            &approle.mount,
-            &approle.role_id,
-            &approle.secret_id,
-        )
-        .await
-        .map_err(|e| map_err(&format!("{}: AppRole login", self.id), e))?;
+        let auth = login.login(&anonymous, &self.id).await?;
         let token = Zeroizing::new(auth.client_token);
         // Log in again after two thirds of the lease, well before it runs out.
         let lease = Duration::from_secs(auth.lease_duration.max(3));
         s.client = Arc::new(client_with_token(&self.settings, &token, &self.id)?);
         s.relogin_at = Some(Instant::now() + lease * 2 / 3);
-        tracing::debug!(key = %self.id, ?lease, "logged in to Vault with AppRole");
+        tracing::debug!(key = %self.id, ?lease, method = login.name(), "logged in to Vault");
         Ok(s.client.clone())
     }
 
-    /// Runs `op` with a current client; with AppRole, a 403 triggers one fresh
-    /// login and a retry (the token may have been revoked early).
+    /// Runs `op` with a current client; with a login method, a 403 triggers one
+    /// fresh login and a retry (the token may have been revoked early).
     async fn with_client<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: Fn(Arc<VaultClient>) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
         match op(self.client(false).await?).await {
-            Err(Error::PermissionDenied(_)) if self.approle.is_some() => {
+            Err(Error::PermissionDenied(_)) if self.login.is_some() => {
                 op(self.client(true).await?).await
             }
             other => other,

@@ -322,3 +322,216 @@ async fn approle_logs_in_and_logs_in_again_when_the_token_expires() {
     );
     assert!(err.to_string().contains("AppRole"), "{err}");
 }
+
+/// A JWT-shaped service-account token (legacy claim layout). Its signature is not
+/// checked by Vault: the TokenReview answer is what authenticates it.
+fn service_account_token(namespace: &str, name: &str, uid: &str, serial: u32) -> String {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
+    let header = B64URL.encode(br#"{"alg":"RS256","kid":"test"}"#);
+    let claims = serde_json::json!({
+        "iss": "kubernetes/serviceaccount",
+        "kubernetes.io/serviceaccount/namespace": namespace,
+        "kubernetes.io/serviceaccount/service-account.name": name,
+        "kubernetes.io/serviceaccount/service-account.uid": uid,
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "jti": format!("token-{serial}"),
+    });
+    format!(
+        "{header}.{}.c2lnbmF0dXJl",
+        B64URL.encode(claims.to_string())
+    )
+}
+
+/// tests/fakes/k8s_tokenreview.py, answering for `tokens` (TOKEN=NS/SA).
+struct TokenReview {
+    child: std::process::Child,
+    url: String,
+}
+
+impl TokenReview {
+    fn start(tokens_file: &std::path::Path) -> TokenReview {
+        use std::io::BufRead;
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fakes/k8s_tokenreview.py"
+        );
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(script).arg("--tokens-file").arg(tokens_file);
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the TokenReview fake");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().strip_prefix("PORT=").expect("PORT= line");
+        TokenReview {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for TokenReview {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_auth_logs_in_with_the_service_account_token_and_rereads_it() {
+    let Some((addr, token)) = server() else {
+        return;
+    };
+    let name = unique("k8sauth");
+    new_key(&addr, &token, &name).await;
+    let first = service_account_token("ci", "keybroker", "uid-1", 1);
+    // The kubelet rotates projected tokens: a second valid token for the same
+    // service account, written over the file while the broker runs.
+    let second = service_account_token("ci", "keybroker", "uid-1", 2);
+    let intruder = service_account_token("ci", "someone-else", "uid-2", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let known = dir.path().join("known-tokens");
+    let write_known = |tokens: &[(&str, &str)]| {
+        let lines: Vec<String> = tokens
+            .iter()
+            .map(|(t, who)| format!("{t}={who}\n"))
+            .collect();
+        std::fs::write(&known, lines.concat()).unwrap();
+    };
+    write_known(&[(&first, "ci/keybroker"), (&intruder, "ci/someone-else")]);
+    let reviewer = TokenReview::start(&known);
+    // Vault insists on a CA certificate even for an http:// API server.
+    let ca = dir.path().join("ca.crt");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("ca.key"))
+        .arg("-out")
+        .arg(&ca)
+        .args(["-subj", "/CN=test-ca", "-days", "1"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let mount = format!("k8s-{name}");
+    bao(
+        &addr,
+        &token,
+        &["auth", "enable", &format!("-path={mount}"), "kubernetes"],
+        None,
+    );
+    bao(
+        &addr,
+        &token,
+        &[
+            "write",
+            &format!("auth/{mount}/config"),
+            &format!("kubernetes_host={}", reviewer.url),
+            &format!("kubernetes_ca_cert=@{}", ca.display()),
+            // The reviewer JWT is the caller's own token, as with projected tokens.
+            "disable_local_ca_jwt=true",
+        ],
+        None,
+    );
+    let policy = format!(
+        "path \"transit/sign/{name}\" {{ capabilities = [\"update\"] }}\npath \"transit/keys/{name}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao(
+        &addr,
+        &token,
+        &["policy", "write", &name, "-"],
+        Some(&policy),
+    );
+    bao(
+        &addr,
+        &token,
+        &[
+            "write",
+            &format!("auth/{mount}/role/signer"),
+            "bound_service_account_names=keybroker",
+            "bound_service_account_namespaces=ci",
+            &format!("token_policies={name}"),
+            "token_ttl=3s",
+            "token_max_ttl=3s",
+        ],
+        None,
+    );
+
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{first}\n")).unwrap();
+    let k8s = |path: &std::path::Path| VaultOptions {
+        address: Some(addr.clone()),
+        kubernetes: Some(keybroker_providers::vault::KubernetesAuth {
+            mount: mount.clone(),
+            role: "signer".into(),
+            token_path: path.to_path_buf(),
+        }),
+        ..Default::default()
+    };
+    let key = open(
+        &KeyRef::parse(&format!("openbao://{name}")).unwrap(),
+        &OpenOptions {
+            vault: k8s(&token_file),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    conformance::run_all(key.clone(), "1").await;
+
+    // The kubelet rotates the token and the old one stops being valid; after
+    // the 3 s Vault token expires the provider must log in again with the new
+    // one, read from the file (with the old one this would be denied).
+    write_known(&[(&second, "ci/keybroker"), (&intruder, "ci/someone-else")]);
+    std::fs::write(&token_file, &second).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let d = Sha256Digest::of(b"after rotation");
+    let sig = key.sign_digest(&d).await.expect("sign after re-login");
+    verify_digest(&key.public_key().await.unwrap().pem, &d, &sig.der).unwrap();
+
+    // A service account the role is not bound to: permission denied, says Kubernetes,
+    // and the token never appears in the error.
+    let other = dir.path().join("other");
+    std::fs::write(&other, &intruder).unwrap();
+    let bad = VaultKey::open("openbao", &name, &k8s(&other)).unwrap();
+    let err = bad.sign_digest(&d).await.unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    assert!(err.to_string().contains("Kubernetes login"), "{err}");
+    assert!(
+        !err.to_string().contains(&intruder),
+        "token in error: {err}"
+    );
+
+    // A missing token file is a clear permission error naming the file.
+    let missing = dir.path().join("missing");
+    let none = VaultKey::open("openbao", &name, &k8s(&missing)).unwrap();
+    let err = none.sign_digest(&d).await.unwrap_err();
+    assert!(
+        matches!(err, Error::PermissionDenied(_)) && err.to_string().contains("missing"),
+        "{err}"
+    );
+
+    // Both login methods at once is a configuration error.
+    let mut both = k8s(&token_file);
+    both.approle = Some(keybroker_providers::vault::AppRole {
+        mount: "approle".into(),
+        role_id: "r".into(),
+        secret_id: Zeroizing::new("s".into()),
+    });
+    assert!(matches!(
+        VaultKey::open("openbao", &name, &both),
+        Err(Error::InvalidArgument(_))
+    ));
+}
