@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
 # the real OCI registry (distribution 2.8), htpasswd for its basic auth, curl,
-# openssl (test CAs).
+# openssl (test CAs); for the deploy tests (scripts/deploy-test.sh) systemd's
+# tools (systemd-analyze, systemd-socket-activate), podman + runc, binutils.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-need=(docker-registry apache2-utils curl openssl)
+need=(docker-registry apache2-utils curl openssl systemd podman runc binutils)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -25,4 +26,14 @@ command -v bao >/dev/null || { echo "install-test-deps: bao not on PATH after pi
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   echo "install-test-deps: pip install moto[server]"
   python3 -m pip install -q --disable-pip-version-check 'moto[server]'
+fi
+# The Kubernetes manifests are validated against the OpenAPI schema offline.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "install-test-deps: pip install kubernetes-validate"
+  python3 -m pip install -q --disable-pip-version-check 'kubernetes-validate==1.37.0'
+fi
+# PyNaCl: the GitHub API fake decrypts the sealed boxes keybroker sends it.
+if ! python3 -c 'import nacl.public' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install pynacl"
+  python3 -m pip install -q --disable-pip-version-check pynacl
 fi

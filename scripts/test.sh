@@ -19,6 +19,12 @@ trap cleanup EXIT
 
 echo "== build (once, all targets)"
 cargo build --workspace --all-targets --locked
+# Static release binaries for the container image of the deploy tests
+# (deploy/container/Containerfile is FROM scratch).
+static_dir=target/static/x86_64-unknown-linux-gnu/release
+echo "== build (static keybrokerd + keybroker for the container image)"
+CARGO_TARGET_DIR=target/static RUSTFLAGS='-C target-feature=+crt-static' \
+  cargo build --release --locked --target x86_64-unknown-linux-gnu -p keybroker-broker -p keybroker-client
 
 # The client links no cloud SDK even when the workspace build unifies the
 # daemon's provider features (ARCHITECTURE.md).
@@ -45,5 +51,8 @@ CI=true cargo test --workspace --locked
 
 echo "== smoke: the real binaries, README's first command included"
 scripts/smoke.sh "$KEYBROKER_TEST_REGISTRY"
+
+echo "== deploy: systemd units and activation, Kubernetes manifests, container image"
+KEYBROKER_STATIC_BIN_DIR=$static_dir scripts/deploy-test.sh
 
 echo "== test suite finished in $(( $(date +%s) - started )) s"

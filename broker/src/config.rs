@@ -24,7 +24,7 @@ pub struct Config {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Unix socket path; default: `keybroker_proto::default_socket_path()`.
@@ -35,7 +35,7 @@ pub struct ServerConfig {
     pub socket_group: Option<String>,
     /// Data directory (dev key of the embedded default); default `keybroker_proto::default_data_dir()`.
     pub data_dir: Option<PathBuf>,
-    /// Audit log path. Accepted for forward compatibility; the audit log is not built yet.
+    /// Audit log path (JSON lines, hash-chained, fsynced before each answer).
     pub audit_log: Option<PathBuf>,
     /// Largest request accepted, bytes; default 64 KiB.
     pub max_request_bytes: Option<usize>,

@@ -2,6 +2,8 @@
 //! `listen` (socket) → `identity` (who) → `policy` (may they) → `service`
 //! (payload, sign) → `status` (errors as gRPC codes). See ARCHITECTURE.md.
 
+pub mod activation;
+pub mod audit;
 pub mod config;
 pub mod identity;
 pub mod keys;
@@ -26,20 +28,38 @@ use crate::{
 pub async fn build_state(config: &Config, startup: keys::Startup) -> Result<State, String> {
     let keys = keys::open_all(&config.keys, startup).await?;
     let policy = Policy::new(&config.policy)?;
-    Ok(State { keys, policy })
+    Ok(State {
+        keys,
+        policy,
+        audit: None,
+    })
+}
+
+/// The daemon's current state. A reload swaps in a new one; requests in flight
+/// keep the state they started with.
+pub type SharedState = Arc<arc_swap::ArcSwap<State>>;
+
+/// Wraps a state for [`serve`].
+pub fn shared(state: State) -> SharedState {
+    Arc::new(arc_swap::ArcSwap::from_pointee(state))
 }
 
 /// Serves the KeyBroker API, health and reflection on a bound unix socket until
 /// `shutdown` completes; in-flight requests finish first.
 pub async fn serve(
     socket: tokio::net::UnixListener,
-    state: Arc<State>,
+    state: SharedState,
     max_request_bytes: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<KeyBrokerServer<BrokerService>>()
+        .await;
+    // "" is the whole server, what probes (`keybroker health`, grpc_health_probe,
+    // the kubelet's gRPC probe) ask about by default.
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keybroker_proto::v1::FILE_DESCRIPTOR_SET)

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::Parser;
-use keybroker_broker::{build_state, config, harden_process, keys, listen, serve};
+use keybroker_broker::{activation, build_state, config, harden_process, keys, listen, serve};
 use keybroker_providers::{pem, P256Signer};
 
 /// The keybroker signing daemon.
@@ -16,6 +16,10 @@ use keybroker_providers::{pem, P256Signer};
 /// Serves the keybroker.v1 gRPC API on a unix socket. Keys and policy come from a
 /// TOML config; without one, keybrokerd runs on an embedded default: a dev key in
 /// its data directory and a rule that lets the current user sign with it.
+///
+/// Under systemd it takes its socket from socket activation (keybroker.socket)
+/// and reports readiness (Type=notify); SIGHUP reloads the config, keeping the
+/// old one if the new one is invalid; SIGTERM stops after in-flight requests.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -42,6 +46,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(&args.log_format);
     harden_process();
+    // Before any thread exists: taking the socket unsets LISTEN_* in our environment.
+    let inherited = match activation::inherited_unix_listener() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -52,7 +64,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    match rt.block_on(run(args, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -74,7 +86,10 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+async fn run(
+    args: Args,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> Result<(), String> {
     if let Some(reference) = &args.create_key {
         let key_ref = keybroker_providers::KeyRef::parse(reference).map_err(|e| e.to_string())?;
         let public = keybroker_providers::create_key(&key_ref, &Default::default())
@@ -102,21 +117,50 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(socket) = args.socket {
         cfg.server.socket = Some(socket);
     }
-    if cfg.server.audit_log.is_some() {
-        tracing::warn!("server.audit_log is set but the audit log is not implemented yet; no audit records are written");
-    }
-    let state = Arc::new(build_state(&cfg, keys::Startup::Lenient).await?);
-    let socket_path = cfg.socket_path();
-    let (listener, _guard) = listen::bind_unix(
-        &socket_path,
-        cfg.socket_mode(),
-        cfg.server.socket_group.as_deref(),
-    )?;
-    tracing::info!(socket = %socket_path.display(), keys = state.keys.len(), "keybrokerd serving");
+    let audit = match &cfg.server.audit_log {
+        Some(path) => {
+            let log = Arc::new(keybroker_broker::audit::AuditLog::open(path)?);
+            tracing::info!(path = %path.display(), "audit log open");
+            Some(log)
+        }
+        None => {
+            tracing::warn!("no server.audit_log: signing decisions are not recorded");
+            None
+        }
+    };
+    let mut first = build_state(&cfg, keys::Startup::Lenient).await?;
+    first.audit = audit;
+    let state = keybroker_broker::shared(first);
+    let (listener, _guard, shown) = match inherited {
+        // systemd owns the socket file (mode, group, removal): keybroker.socket.
+        Some(std_listener) => (
+            tokio::net::UnixListener::from_std(std_listener)
+                .map_err(|e| format!("socket activation: {e}"))?,
+            None,
+            "inherited from systemd".to_string(),
+        ),
+        None => {
+            let socket_path = cfg.socket_path();
+            let (l, guard) = listen::bind_unix(
+                &socket_path,
+                cfg.socket_mode(),
+                cfg.server.socket_group.as_deref(),
+            )?;
+            (l, Some(guard), socket_path.display().to_string())
+        }
+    };
+    tracing::info!(socket = %shown, keys = state.load().keys.len(), "keybrokerd serving");
+    activation::notify_ready();
+    tokio::spawn(reload_on_sighup(
+        args.config.clone(),
+        cfg.clone(),
+        state.clone(),
+    ));
     let stopping = Arc::new(tokio::sync::Notify::new());
     let notify = stopping.clone();
     let graceful = serve(listener, state, cfg.max_request_bytes(), async move {
         shutdown_signal().await;
+        activation::notify_stopping();
         notify.notify_one();
     });
     // In-flight requests get a grace period; idle clients that never hang up do not
@@ -129,6 +173,67 @@ async fn run(args: Args) -> Result<(), String> {
     }
     tracing::info!("keybrokerd stopped");
     Ok(())
+}
+
+/// SIGHUP: read the config again and swap in new keys and policy. Requests in
+/// flight finish with the old ones. An invalid new config (or a key that no longer
+/// opens) is rejected and the running one kept. Listener settings (socket path,
+/// mode, group, request size, audit log path) need a restart; the audit log
+/// file itself is re-opened, for log rotation.
+async fn reload_on_sighup(
+    path: Option<PathBuf>,
+    running: config::Config,
+    state: keybroker_broker::SharedState,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; config reload is unavailable");
+        return;
+    };
+    let mut running = running;
+    while hup.recv().await.is_some() {
+        activation::notify_reloading();
+        // logrotate moves the file away and sends SIGHUP: continue the chain in
+        // a new file at the configured path.
+        if let Some(log) = state.load().audit.clone() {
+            if let Err(e) = log.reopen().await {
+                tracing::error!("SIGHUP: {e}; records keep going to the file opened before");
+            }
+        }
+        let loaded = match &path {
+            Some(p) => config::Config::load(p),
+            None => embedded_default(),
+        };
+        let result = match loaded {
+            Ok(new_cfg) => match build_state(&new_cfg, keys::Startup::Lenient).await {
+                Ok(mut new_state) => {
+                    // The audit log outlives configs: same file, same chain.
+                    new_state.audit = state.load().audit.clone();
+                    Ok((new_cfg, new_state))
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((new_cfg, new_state)) => {
+                if new_cfg.server != running.server {
+                    tracing::warn!(
+                        "[server] settings changed; they take effect at the next restart"
+                    );
+                }
+                tracing::info!(
+                    keys = new_state.keys.len(),
+                    rules = new_cfg.policy.len(),
+                    "SIGHUP: config reloaded"
+                );
+                state.store(Arc::new(new_state));
+                running = new_cfg;
+            }
+            Err(e) => tracing::error!("SIGHUP: new config rejected, keeping the running one: {e}"),
+        }
+        activation::notify_ready();
+    }
 }
 
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

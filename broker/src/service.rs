@@ -11,6 +11,7 @@ use keybroker_providers::{PublicKey, Sha256Digest, ALGORITHM};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::AuditLog,
     identity::Caller,
     keys::KeyEntry,
     payload,
@@ -29,27 +30,102 @@ pub struct State {
     pub keys: BTreeMap<String, Arc<KeyEntry>>,
     /// The compiled policy.
     pub policy: Policy,
+    /// Where decisions are recorded; `None` when `server.audit_log` is unset.
+    /// Survives reloads (the daemon carries it into each new state).
+    pub audit: Option<Arc<AuditLog>>,
+}
+
+/// One audit record under construction (audit.rs writes it and chains it).
+struct Audit<'a> {
+    log: Option<&'a Arc<AuditLog>>,
+    record: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'a> Audit<'a> {
+    fn new(state: &'a State, rpc: &str, caller: &Caller, key: &str) -> Self {
+        use serde_json::json;
+        let mut record = serde_json::Map::new();
+        if state.audit.is_some() {
+            let now = time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            record.insert("time".into(), json!(now));
+            record.insert("rpc".into(), json!(rpc));
+            record.insert(
+                "caller".into(),
+                json!({
+                    "uid": caller.uid,
+                    "gid": caller.gid,
+                    "pid": caller.pid,
+                    "exe": caller.executable(),
+                    "identity": caller.payload_identity(),
+                }),
+            );
+            record.insert("key".into(), json!(key));
+            if let Some(entry) = state.keys.get(key) {
+                record.insert("key_id".into(), json!(entry.provider.key_id()));
+            }
+        }
+        Audit {
+            log: state.audit.as_ref(),
+            record,
+        }
+    }
+
+    fn set(&mut self, k: &str, v: impl Into<serde_json::Value>) {
+        if self.log.is_some() {
+            self.record.insert(k.into(), v.into());
+        }
+    }
+
+    /// Writes the record with its decision; durable when this returns Ok.
+    async fn write(mut self, decision: &str, reason: Option<String>) -> Result<(), Status> {
+        let Some(log) = self.log else { return Ok(()) };
+        self.record.insert("decision".into(), decision.into());
+        if let Some(r) = reason {
+            self.record.insert("reason".into(), r.into());
+        }
+        log.append(self.record).await.map_err(|e| {
+            Status::unavailable(format!(
+                "audit log unavailable, so no signature was issued: {e}"
+            ))
+        })
+    }
+
+    /// Records a refusal; the caller gets `status` either way (a failing audit
+    /// log is logged, it does not turn a denial into something else).
+    async fn refuse(self, decision: &str, status: Status) -> Status {
+        if let Err(e) = self
+            .write(decision, Some(status.message().to_string()))
+            .await
+        {
+            tracing::error!("{}", e.message());
+        }
+        status
+    }
 }
 
 /// The KeyBroker service.
 #[derive(Debug, Clone)]
 pub struct BrokerService {
-    state: Arc<State>,
+    state: crate::SharedState,
 }
 
 impl BrokerService {
-    /// Wraps the state.
-    pub fn new(state: Arc<State>) -> Self {
+    /// Wraps the (reloadable) state.
+    pub fn new(state: crate::SharedState) -> Self {
         BrokerService { state }
     }
+}
 
+impl State {
     fn key(&self, alias: &str) -> Result<&Arc<KeyEntry>, Status> {
         if alias.is_empty() || alias.len() > MAX_ALIAS_LEN {
             return Err(Status::invalid_argument(format!(
                 "key alias must be 1..={MAX_ALIAS_LEN} bytes"
             )));
         }
-        self.state.keys.get(alias).ok_or_else(|| {
+        self.keys.get(alias).ok_or_else(|| {
             Status::not_found(format!(
                 "no key {alias:?} in this broker (keybroker keys lists them)"
             ))
@@ -93,8 +169,15 @@ impl KeyBroker for BrokerService {
         req: Request<SignImageRequest>,
     ) -> Result<Response<SignImageResponse>, Status> {
         let caller = caller(&req)?;
+        let state = self.state.load_full();
         let r = req.into_inner();
-        let entry = self.key(&r.key)?;
+        let mut audit = Audit::new(&state, "SignImage", &caller, &r.key);
+        audit.set("image", r.docker_reference.clone());
+        audit.set("digest", r.manifest_digest.clone());
+        let entry = match state.key(&r.key) {
+            Ok(e) => e,
+            Err(s) => return Err(audit.refuse("denied", s).await),
+        };
         payload::validate_docker_reference(&r.docker_reference)
             .map_err(Status::invalid_argument)?;
         payload::validate_manifest_digest(&r.manifest_digest).map_err(Status::invalid_argument)?;
@@ -118,27 +201,31 @@ impl KeyBroker for BrokerService {
             }
             annotations.insert(k, v);
         }
-        self.state
-            .policy
-            .check(
-                &caller,
-                &Action::SignImage {
-                    key: &r.key,
-                    image: &r.docker_reference,
-                    annotations: &annotations,
-                },
-            )
-            .map_err(|d| deny(&caller, &r.key, d))?;
+        audit.set("annotations", serde_json::json!(annotations));
+        if let Err(d) = state.policy.check(
+            &caller,
+            &Action::SignImage {
+                key: &r.key,
+                image: &r.docker_reference,
+                annotations: &annotations,
+            },
+        ) {
+            return Err(audit.refuse("denied", deny(&caller, &r.key, d)).await);
+        }
         annotations.insert(
             payload::CALLER_ANNOTATION.to_string(),
             caller.payload_identity(),
         );
         let body = payload::simple_signing(&r.docker_reference, &r.manifest_digest, &annotations);
-        let sig = entry
-            .provider
-            .sign_digest(&Sha256Digest::of(&body))
-            .await
-            .map_err(|e| status::from_provider(&e))?;
+        let payload_digest = Sha256Digest::of(&body);
+        audit.set("payload_sha256", hex::encode(payload_digest.as_bytes()));
+        let sig = match entry.provider.sign_digest(&payload_digest).await {
+            Ok(s) => s,
+            Err(e) => return Err(audit.refuse("failed", status::from_provider(&e)).await),
+        };
+        audit.set("key_version", sig.key_version.clone());
+        // The record is on disk before the signature leaves the daemon.
+        audit.write("allowed", None).await?;
         tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, "signed image");
         let key = signed_key_info(entry, &sig.key_version).await?;
         Ok(Response::new(SignImageResponse {
@@ -150,19 +237,31 @@ impl KeyBroker for BrokerService {
 
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let caller = caller(&req)?;
+        let state = self.state.load_full();
         let r = req.into_inner();
-        let entry = self.key(&r.key)?;
+        let mut audit = Audit::new(&state, "Sign", &caller, &r.key);
+        let entry = match state.key(&r.key) {
+            Ok(e) => e,
+            Err(s) => return Err(audit.refuse("denied", s).await),
+        };
         let digest =
             Sha256Digest::try_from(r.digest.as_slice()).map_err(|e| status::from_provider(&e))?;
-        self.state
+        audit.set(
+            "digest",
+            format!("sha256:{}", hex::encode(digest.as_bytes())),
+        );
+        if let Err(d) = state
             .policy
             .check(&caller, &Action::SignDigest { key: &r.key })
-            .map_err(|d| deny(&caller, &r.key, d))?;
-        let sig = entry
-            .provider
-            .sign_digest(&digest)
-            .await
-            .map_err(|e| status::from_provider(&e))?;
+        {
+            return Err(audit.refuse("denied", deny(&caller, &r.key, d)).await);
+        }
+        let sig = match entry.provider.sign_digest(&digest).await {
+            Ok(s) => s,
+            Err(e) => return Err(audit.refuse("failed", status::from_provider(&e)).await),
+        };
+        audit.set("key_version", sig.key_version.clone());
+        audit.write("allowed", None).await?;
         tracing::debug!(%caller, key = %r.key, ?digest, "signed digest");
         let key = signed_key_info(entry, &sig.key_version).await?;
         Ok(Response::new(SignResponse {
@@ -176,7 +275,8 @@ impl KeyBroker for BrokerService {
         req: Request<PublicKeyRequest>,
     ) -> Result<Response<PublicKeyResponse>, Status> {
         // Public keys are public: any caller who can reach the socket may read them.
-        let entry = self.key(&req.get_ref().key)?;
+        let state = self.state.load_full();
+        let entry = state.key(&req.get_ref().key)?;
         let public = entry
             .public_key()
             .await
@@ -191,11 +291,11 @@ impl KeyBroker for BrokerService {
         req: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
         let caller = caller(&req)?;
-        let keys = self
-            .state
+        let state = self.state.load_full();
+        let keys = state
             .keys
             .values()
-            .filter(|e| self.state.policy.may_use_key(&caller, &e.alias))
+            .filter(|e| state.policy.may_use_key(&caller, &e.alias))
             // No backend calls here: a key whose backend has not answered yet is
             // listed without a public key.
             .map(|e| {

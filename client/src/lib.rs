@@ -2,6 +2,7 @@
 //! them in OCI registries in cosign's format. Links no cloud SDK and holds no
 //! signing key (generate-key-pair aside, which writes one to disk for the user).
 
+pub mod audit;
 pub mod broker;
 pub mod cosign;
 mod error;

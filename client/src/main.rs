@@ -97,6 +97,21 @@ enum Command {
     },
     /// List the broker keys this caller may use.
     Keys,
+    /// Work with keybrokerd's audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Check that keybrokerd answers on its socket (exit 0 when SERVING).
+    ///
+    /// Asks the daemon's standard gRPC health service; needs no policy rule, so
+    /// it suits liveness/readiness probes (Kubernetes exec probes, systemd checks).
+    Health {
+        /// Service to ask about; default: the whole server
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many seconds
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Generate an encrypted key pair in cosign's format (cosign.key + cosign.pub).
     ///
     /// Without a reference: cosign.key (encrypted; password from COSIGN_PASSWORD or
@@ -112,6 +127,20 @@ enum Command {
         /// Overwrite existing files
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check the hash chain of audit log files (oldest first, rotated files
+    /// included) and report the first broken link.
+    ///
+    /// Prints the record count and the chain's head hash; keep that hash
+    /// somewhere else to detect later removal of the newest records.
+    Verify {
+        /// Audit log files, oldest first
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -230,6 +259,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     Ok(())
                 }
             }
+        }
+        Command::Audit(AuditCommand::Verify { files }) => {
+            let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+            let ok = keybroker_client::audit::verify_files(&paths)
+                .map_err(|e| Error::Other(format!("audit log: {e}")))?;
+            println!(
+                "ok: {} records, chain from {} to head {}",
+                ok.records, ok.starts_from, ok.head
+            );
+            Ok(())
+        }
+        Command::Health { service, timeout } => {
+            broker::health(&socket, &service, std::time::Duration::from_secs(timeout)).await?;
+            println!("SERVING");
+            Ok(())
         }
         Command::Keys => {
             let mut client = broker::connect(&socket).await?;

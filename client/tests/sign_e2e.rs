@@ -376,7 +376,24 @@ async fn clear_errors_for_missing_image_policy_and_dead_broker() {
         "ListKeys shows a key the caller may not use"
     );
 
+    // The health probe: SERVING from a live broker, a clear failure (bounded by
+    // --timeout) from a dead socket.
+    let out = keybroker(&broker.socket, &["health"], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "SERVING");
+    let out = keybroker(
+        &broker.socket,
+        &["health", "--service", "no.such.Service"],
+        &[],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no.such.Service"), "{}", stderr(&out));
+
     let dead = dir.path().join("no-broker.sock");
+    let out = keybroker(&dead, &["health", "--timeout", "2"], &[]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no-broker.sock"), "{}", stderr(&out));
     let out = keybroker(&dead, &["keys"], &[]).await;
     assert!(!out.status.success());
     assert!(

@@ -8,7 +8,6 @@
 use std::{
     path::{Path, PathBuf},
     process::Output,
-    sync::Arc,
 };
 
 use keybroker_broker::{build_state, config::Config, keys::Startup};
@@ -128,11 +127,16 @@ impl TestBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("broker.sock");
         let config = Config::parse(config_text).expect("config parses");
-        let state = Arc::new(
-            build_state(&config, Startup::Lenient)
-                .await
-                .expect("keys open"),
-        );
+        let mut state = build_state(&config, Startup::Lenient)
+            .await
+            .expect("keys open");
+        // As keybrokerd does: the audit log from [server] audit_log.
+        if let Some(path) = &config.server.audit_log {
+            state.audit = Some(std::sync::Arc::new(
+                keybroker_broker::audit::AuditLog::open(path).expect("audit log opens"),
+            ));
+        }
+        let state = keybroker_broker::shared(state);
         let (listener, guard) =
             keybroker_broker::listen::bind_unix(&socket, 0o600, None).expect("bind");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
