@@ -45,6 +45,9 @@ source "$state/moto.env"
 export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_AUTH_REGISTRY KEYBROKER_TEST_AUTH_USER KEYBROKER_TEST_AUTH_PASSWORD
 export KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN KEYBROKER_TEST_AWS_ENDPOINT
 
+echo "== the API fakes' own self-test (GitHub, GitLab)"
+python3 tests/fakes/test_fakes.py
+
 echo "== tests"
 # CI=true makes tests that need a server fail (not skip) when it is missing.
 CI=true cargo test --workspace --locked

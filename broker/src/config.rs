@@ -21,6 +21,33 @@ pub struct Config {
     /// Policy rules; none means nobody may sign (default deny).
     #[serde(default)]
     pub policy: Vec<RuleConfig>,
+    /// Rate limits; none by default.
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
+    /// Trusted issuers of bearer OIDC ID tokens; none by default.
+    #[serde(default)]
+    pub oidc: Vec<crate::oidc::OidcConfig>,
+}
+
+/// `[limits]`: token buckets for signatures (SignImage and Sign).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Each caller identity (uid, certificate SAN) on its own.
+    pub per_caller: Option<LimitConfig>,
+    /// Each key alias, all callers together (protects the backend's quota).
+    pub per_key: Option<LimitConfig>,
+}
+
+/// One token bucket: `per_second` sustained, `burst` at once (default: one
+/// second's worth).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Sustained signatures per second.
+    pub per_second: f64,
+    /// Bucket size.
+    pub burst: Option<u32>,
 }
 
 /// `[server]`.
@@ -39,6 +66,28 @@ pub struct ServerConfig {
     pub audit_log: Option<PathBuf>,
     /// Largest request accepted, bytes; default 64 KiB.
     pub max_request_bytes: Option<usize>,
+    /// The TCP listener, mutual TLS only (there is no plaintext signing listener).
+    pub tls: Option<TlsConfig>,
+    /// Plain-HTTP Prometheus endpoint (`GET /metrics`), e.g. "127.0.0.1:9464".
+    pub metrics_listen: Option<String>,
+}
+
+/// `[server.tls]`: a TCP listener that requires a client certificate issued by
+/// `client_ca_file`; the caller's identity is that certificate's SANs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address to listen on, e.g. "0.0.0.0:8443".
+    pub listen: String,
+    /// Server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Server private key (PEM).
+    pub key_file: PathBuf,
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub client_ca_file: PathBuf,
+    /// Optional plaintext listener serving only grpc.health.v1 (for probes that
+    /// cannot do mTLS, such as the kubelet's gRPC probe). Never signs.
+    pub health_listen: Option<String>,
 }
 
 /// `[keys.NAME]`.
@@ -58,6 +107,26 @@ pub struct KeyConfig {
     /// Vault / OpenBao settings for `hashivault://` and `openbao://` keys.
     #[serde(default)]
     pub vault: Option<VaultKeyConfig>,
+    /// GitLab settings for `gitlab://` keys.
+    #[serde(default)]
+    pub gitlab: Option<GitLabKeyConfig>,
+}
+
+/// `[keys.NAME.gitlab]`: where the CI/CD variables live. Unset fields fall back
+/// to `GITLAB_HOST` (else gitlab.com) and `GITLAB_TOKEN`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitLabKeyConfig {
+    /// Host name (https) or full URL.
+    pub host: Option<String>,
+    /// Environment variable holding the token.
+    pub token_env: Option<String>,
+    /// File holding the token (trailing newline ignored).
+    pub token_file: Option<PathBuf>,
+    /// Seconds a decrypted key is used before the variables are read again (default 60).
+    pub cache_ttl_secs: Option<u64>,
+    /// Per-request timeout in milliseconds (default 10000).
+    pub timeout_ms: Option<u64>,
 }
 
 /// `[keys.NAME.vault]`: where the transit key lives. Unset fields fall back to
@@ -120,6 +189,7 @@ impl std::fmt::Debug for KeyConfig {
             .field("password_env", &self.password_env)
             .field("password_file", &self.password_file)
             .field("vault", &self.vault)
+            .field("gitlab", &self.gitlab)
             .finish()
     }
 }
@@ -141,6 +211,10 @@ pub struct RuleConfig {
     /// Whether raw `Sign` of an arbitrary digest is allowed.
     #[serde(default)]
     pub allow_raw_digest: bool,
+    /// ID token claims the caller must present (values: `*` globs). Non-empty
+    /// means a verified token is required for this rule.
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -166,6 +240,24 @@ impl Config {
                 return Err(format!(
                     "[keys.{alias}]: set password_env or password_file, not both"
                 ));
+            }
+            let is_gitlab = key.reference.starts_with("gitlab://");
+            if key.gitlab.is_some() && !is_gitlab {
+                return Err(format!(
+                    "[keys.{alias}]: a [keys.{alias}.gitlab] section needs a gitlab:// ref"
+                ));
+            }
+            if is_gitlab && (key.password_env.is_some() || key.password_file.is_some()) {
+                return Err(format!(
+                    "[keys.{alias}]: a gitlab:// key's password is its COSIGN_PASSWORD CI/CD variable; remove password_env / password_file"
+                ));
+            }
+            if let Some(g) = &key.gitlab {
+                if g.token_env.is_some() && g.token_file.is_some() {
+                    return Err(format!(
+                        "[keys.{alias}.gitlab]: set token_env or token_file, not both"
+                    ));
+                }
             }
         }
         for (i, rule) in self.policy.iter().enumerate() {
@@ -222,6 +314,7 @@ impl Config {
                 password_file: None,
                 public_key_file: None,
                 vault: None,
+                gitlab: None,
             },
         );
         Config {
@@ -237,7 +330,10 @@ impl Config {
                 images: vec!["**".into()],
                 require_annotations: vec![],
                 allow_raw_digest: true,
+                claims: BTreeMap::new(),
             }],
+            limits: None,
+            oidc: Vec::new(),
         }
     }
 }
@@ -296,5 +392,31 @@ mod tests {
         assert!(err.contains("unknown key scheme"), "{err}");
         let err = Config::parse("[[policy]]\ncallers=[\"root\"]\nkeys=[]").unwrap_err();
         assert!(err.contains("root"), "{err}");
+    }
+
+    #[test]
+    fn gitlab_key_section() {
+        let c = Config::parse(
+            r#"
+            [keys.ci]
+            ref = "gitlab://acme/app"
+            [keys.ci.gitlab]
+            host = "gitlab.example.com"
+            token_file = "/etc/keybroker/gitlab-token"
+            cache_ttl_secs = 30
+            "#,
+        )
+        .unwrap();
+        let g = c.keys["ci"].gitlab.as_ref().unwrap();
+        assert_eq!(g.cache_ttl_secs, Some(30));
+        for (bad, why) in [
+            ("[keys.a]\nref=\"gitlab://g/p\"\n[keys.a.gitlab]\ntoken=\"x\"", "token"),
+            ("[keys.a]\nref=\"/k.key\"\n[keys.a.gitlab]\nhost=\"h\"", "gitlab:// ref"),
+            ("[keys.a]\nref=\"gitlab://g/p\"\npassword_env=\"P\"", "COSIGN_PASSWORD"),
+            ("[keys.a]\nref=\"gitlab://g/p\"\n[keys.a.gitlab]\ntoken_env=\"A\"\ntoken_file=\"/b\"", "not both"),
+        ] {
+            let err = Config::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 }

@@ -1,37 +1,107 @@
-//! Who is calling: taken from the kernel (SO_PEERCRED on the unix socket), never
-//! from the request.
+//! Who is calling: taken from the transport, never from the request. On the unix
+//! socket, the kernel's peer credentials (SO_PEERCRED); on the TCP listener, the
+//! client certificate that mutual TLS verified against the configured CA.
 
 use std::fmt;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// Effective uid of the peer process at connect time.
-    pub uid: u32,
-    /// Effective gid of the peer process at connect time.
-    pub gid: u32,
-    /// Peer pid, when the kernel reports it.
-    pub pid: Option<i32>,
+pub enum Caller {
+    /// A local process on the unix socket.
+    Unix {
+        /// Effective uid of the peer process at connect time.
+        uid: u32,
+        /// Effective gid of the peer process at connect time.
+        gid: u32,
+        /// Peer pid, when the kernel reports it.
+        pid: Option<i32>,
+    },
+    /// A remote client on the mTLS listener.
+    Certificate(CertIdentity),
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CertIdentity {
+    /// URI subject alternative names (SPIFFE IDs are URIs: `spiffe://…`).
+    pub uris: Vec<String>,
+    /// DNS subject alternative names.
+    pub dns: Vec<String>,
+    /// The subject's distinguished name, for logs and audit only (never matched:
+    /// SANs are what certificate authorities vouch for today).
+    pub subject: String,
+}
+
+impl CertIdentity {
+    /// Reads the SANs of a DER certificate (the leaf the TLS layer verified).
+    pub fn from_der(der: &[u8]) -> Result<CertIdentity, String> {
+        use x509_cert::{
+            der::Decode,
+            ext::pkix::{name::GeneralName, SubjectAltName},
+            Certificate,
+        };
+        let cert = Certificate::from_der(der).map_err(|e| format!("client certificate: {e}"))?;
+        let tbs = cert.tbs_certificate();
+        let mut id = CertIdentity {
+            subject: tbs.subject().to_string(),
+            ..Default::default()
+        };
+        for ext in tbs.extensions().into_iter().flatten() {
+            if ext.extn_id != const_oid_san() {
+                continue;
+            }
+            let san = SubjectAltName::from_der(ext.extn_value.as_bytes())
+                .map_err(|e| format!("client certificate SAN: {e}"))?;
+            for name in san.0 {
+                match name {
+                    GeneralName::UniformResourceIdentifier(u) => id.uris.push(u.to_string()),
+                    GeneralName::DnsName(d) => id.dns.push(d.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(id)
+    }
+}
+
+fn const_oid_san() -> x509_cert::der::oid::ObjectIdentifier {
+    // id-ce-subjectAltName
+    x509_cert::der::oid::ObjectIdentifier::new_unwrap("2.5.29.17")
 }
 
 impl Caller {
-    /// The caller of a request on our unix listener, from tonic's connect info.
+    /// The caller of a request: peer credentials on our unix listener, the
+    /// verified client certificate on the TLS listener. `None` when the
+    /// transport told us nothing (the request is then refused).
     pub fn from_request<T>(req: &tonic::Request<T>) -> Option<Caller> {
-        let info = req
+        if let Some(info) = req
             .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()?;
-        let cred = info.peer_cred?;
-        Some(Caller {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid(),
-        })
+            .get::<tonic::transport::server::UdsConnectInfo>()
+        {
+            let cred = info.peer_cred?;
+            return Some(Caller::Unix {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid(),
+            });
+        }
+        let certs = req.peer_certs()?;
+        let leaf = certs.first()?;
+        match CertIdentity::from_der(leaf.as_ref()) {
+            Ok(id) => Some(Caller::Certificate(id)),
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        }
     }
 
-    /// The executable of the peer, where /proc lets us read it (for logs and audit;
-    /// informational only, a pid can be reused).
+    /// The executable of a local peer, where /proc lets us read it (for logs and
+    /// audit; informational only, a pid can be reused).
     pub fn executable(&self) -> Option<String> {
-        let pid = self.pid?;
+        let Caller::Unix { pid: Some(pid), .. } = self else {
+            return None;
+        };
         std::fs::read_link(format!("/proc/{pid}/exe"))
             .ok()
             .map(|p| p.display().to_string())
@@ -39,16 +109,47 @@ impl Caller {
 
     /// The identity recorded in signed payloads (`keybroker.dev/caller`).
     pub fn payload_identity(&self) -> String {
-        format!("unix:uid={},gid={}", self.uid, self.gid)
+        match self {
+            Caller::Unix { uid, gid, .. } => format!("unix:uid={uid},gid={gid}"),
+            Caller::Certificate(c) => match (c.uris.first(), c.dns.first()) {
+                (Some(uri), _) => format!("x509:uri={uri}"),
+                (None, Some(dns)) => format!("x509:dns={dns}"),
+                (None, None) => format!("x509:subject={}", c.subject),
+            },
+        }
+    }
+
+    /// The caller as an audit record field.
+    pub fn audit_json(&self) -> serde_json::Value {
+        match self {
+            Caller::Unix { uid, gid, pid } => serde_json::json!({
+                "uid": uid,
+                "gid": gid,
+                "pid": pid,
+                "exe": self.executable(),
+                "identity": self.payload_identity(),
+            }),
+            Caller::Certificate(c) => serde_json::json!({
+                "x509_uris": c.uris,
+                "x509_dns": c.dns,
+                "x509_subject": c.subject,
+                "identity": self.payload_identity(),
+            }),
+        }
     }
 }
 
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "uid={} gid={}", self.uid, self.gid)?;
-        if let Some(pid) = self.pid {
-            write!(f, " pid={pid}")?;
+        match self {
+            Caller::Unix { uid, gid, pid } => {
+                write!(f, "uid={uid} gid={gid}")?;
+                if let Some(pid) = pid {
+                    write!(f, " pid={pid}")?;
+                }
+                Ok(())
+            }
+            Caller::Certificate(_) => f.write_str(&self.payload_identity()),
         }
-        Ok(())
     }
 }

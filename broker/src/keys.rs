@@ -77,6 +77,8 @@ pub async fn open_all(
             password: password_for(alias, kc)?,
             #[cfg(feature = "vault")]
             vault: vault_options(alias, kc)?,
+            #[cfg(feature = "gitlab")]
+            gitlab: gitlab_options(alias, kc)?,
         };
         let mut provider = open(&key_ref, &options)
             .await
@@ -185,6 +187,40 @@ fn vault_options(
         token: token.map(zeroize::Zeroizing::new),
         key_version: v.key_version,
         timeout: v.timeout_ms.map(std::time::Duration::from_millis),
+    })
+}
+
+#[cfg(feature = "gitlab")]
+fn gitlab_options(
+    alias: &str,
+    kc: &KeyConfig,
+) -> Result<keybroker_providers::gitlab::GitLabOptions, String> {
+    let Some(g) = &kc.gitlab else {
+        return Ok(Default::default());
+    };
+    let token = match (&g.token_env, &g.token_file) {
+        (Some(var), None) => Some(
+            std::env::var(var)
+                .map_err(|_| format!("key {alias:?}: gitlab.token_env {var} is not set"))?,
+        ),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("key {alias:?}: gitlab.token_file {}: {e}", path.display()))?
+                .trim_end()
+                .to_string(),
+        ),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "key {alias:?}: set gitlab.token_env or gitlab.token_file, not both"
+            ))
+        }
+    };
+    Ok(keybroker_providers::gitlab::GitLabOptions {
+        host: g.host.clone(),
+        token: token.map(zeroize::Zeroizing::new),
+        cache_ttl: g.cache_ttl_secs.map(std::time::Duration::from_secs),
+        timeout: g.timeout_ms.map(std::time::Duration::from_millis),
     })
 }
 

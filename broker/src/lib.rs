@@ -7,7 +7,10 @@ pub mod audit;
 pub mod config;
 pub mod identity;
 pub mod keys;
+pub mod limits;
 pub mod listen;
+pub mod metrics;
+pub mod oidc;
 pub mod payload;
 pub mod policy;
 pub mod service;
@@ -28,9 +31,13 @@ use crate::{
 pub async fn build_state(config: &Config, startup: keys::Startup) -> Result<State, String> {
     let keys = keys::open_all(&config.keys, startup).await?;
     let policy = Policy::new(&config.policy)?;
+    let limits = limits::Limiter::new(config.limits.as_ref())?;
+    let oidc = oidc::Issuers::new(&config.oidc)?;
     Ok(State {
         keys,
         policy,
+        limits,
+        oidc,
         audit: None,
     })
 }
@@ -52,6 +59,94 @@ pub async fn serve(
     max_request_bytes: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    routes(
+        tonic::transport::Server::builder(),
+        state,
+        max_request_bytes,
+    )
+    .await?
+    .serve_with_incoming_shutdown(UnixListenerStream::new(socket), shutdown)
+    .await
+    .map_err(|e| format!("server: {e}"))
+}
+
+/// Loads `[server.tls]`'s certificate, key and client CA into a server config
+/// that requires a client certificate (mutual TLS).
+pub fn tls_server_config(
+    tls: &config::TlsConfig,
+) -> Result<tonic::transport::ServerTlsConfig, String> {
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("server.tls.{what} {}: {e}", p.display()))
+    };
+    let cert = read("cert_file", &tls.cert_file)?;
+    let key = zeroize::Zeroizing::new(read("key_file", &tls.key_file)?);
+    let ca = read("client_ca_file", &tls.client_ca_file)?;
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key.as_slice()))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+        .client_auth_optional(false))
+}
+
+/// A TLS set-up error with its causes (tonic's own message is only "transport error").
+pub fn tls_error(e: &dyn std::error::Error) -> String {
+    let mut msg = format!("server.tls: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
+
+/// Serves the same API on a TCP listener with mutual TLS: the handshake fails
+/// without a client certificate from the configured CA (expired or foreign
+/// certificates included), and the caller is that certificate's identity.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: tonic::transport::ServerTlsConfig,
+    state: SharedState,
+    max_request_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let builder = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| tls_error(&e))?;
+    routes(builder, state, max_request_bytes)
+        .await?
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| format!("TLS server: {e}"))
+}
+
+/// Plaintext grpc.health.v1 and nothing else (`server.tls.health_listen`).
+pub async fn serve_health_only(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| format!("health server: {e}"))
+}
+
+/// Health (the whole server and the KeyBroker service SERVING), reflection and
+/// the KeyBroker service, on `builder`.
+async fn routes(
+    mut builder: tonic::transport::Server,
+    state: SharedState,
+    max_request_bytes: usize,
+) -> Result<tonic::transport::server::Router, String> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<KeyBrokerServer<BrokerService>>()
@@ -68,13 +163,10 @@ pub async fn serve(
         .map_err(|e| format!("reflection service: {e}"))?;
     let broker = KeyBrokerServer::new(BrokerService::new(state))
         .max_decoding_message_size(max_request_bytes);
-    tonic::transport::Server::builder()
+    Ok(builder
         .add_service(health)
         .add_service(reflection)
-        .add_service(broker)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(socket), shutdown)
-        .await
-        .map_err(|e| format!("server: {e}"))
+        .add_service(broker))
 }
 
 /// Keeps key material out of core dumps and away from ptrace by other users.

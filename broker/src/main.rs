@@ -102,6 +102,12 @@ async fn run(
     if let Some(path) = &args.check_config {
         let cfg = config::Config::load(path)?;
         build_state(&cfg, keys::Startup::Strict).await?;
+        if let Some(t) = &cfg.server.tls {
+            // Reads and parses certificate, key and client CA as the listener would.
+            tonic::transport::Server::builder()
+                .tls_config(keybroker_broker::tls_server_config(t)?)
+                .map_err(|e| keybroker_broker::tls_error(&e))?;
+        }
         println!(
             "{}: ok ({} keys, {} policy rules)",
             path.display(),
@@ -156,18 +162,92 @@ async fn run(
         cfg.clone(),
         state.clone(),
     ));
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let notify = stopping.clone();
-    let graceful = serve(listener, state, cfg.max_request_bytes(), async move {
+    // The TCP listener is mutual TLS or nothing; bound before READY=1 so a bad
+    // certificate or a busy port fails the start, not the first request.
+    let tls = match &cfg.server.tls {
+        Some(t) => {
+            let server_config = keybroker_broker::tls_server_config(t)?;
+            let l = tokio::net::TcpListener::bind(&t.listen)
+                .await
+                .map_err(|e| format!("server.tls.listen {}: {e}", t.listen))?;
+            tracing::info!(listen = %t.listen, "mTLS listener (client certificates from server.tls.client_ca_file)");
+            let health = match &t.health_listen {
+                Some(h) => {
+                    let hl = tokio::net::TcpListener::bind(h)
+                        .await
+                        .map_err(|e| format!("server.tls.health_listen {h}: {e}"))?;
+                    tracing::info!(listen = %h, "plaintext health-only listener");
+                    Some(hl)
+                }
+                None => None,
+            };
+            Some((l, server_config, health))
+        }
+        None => None,
+    };
+    let metrics = match &cfg.server.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("server.metrics_listen {addr}: {e}"))?;
+            tracing::info!(listen = %addr, "Prometheus metrics at /metrics");
+            Some(l)
+        }
+        None => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(l) = metrics {
+        tokio::spawn(keybroker_broker::metrics::serve(
+            l,
+            stopped(stop_rx.clone()),
+        ));
+    }
+    tokio::spawn(async move {
         shutdown_signal().await;
         activation::notify_stopping();
-        notify.notify_one();
+        let _ = stop_tx.send(true);
     });
+    let max = cfg.max_request_bytes();
+    let unix = serve(listener, state.clone(), max, stopped(stop_rx.clone()));
+    let (tls_server, health_server) = match tls {
+        Some((l, server_config, health)) => (
+            Some(keybroker_broker::serve_tls(
+                l,
+                server_config,
+                state.clone(),
+                max,
+                stopped(stop_rx.clone()),
+            )),
+            health.map(|h| keybroker_broker::serve_health_only(h, stopped(stop_rx.clone()))),
+        ),
+        None => (None, None),
+    };
+    let all = async {
+        tokio::try_join!(
+            unix,
+            async {
+                match tls_server {
+                    Some(f) => f.await,
+                    None => Ok(()),
+                }
+            },
+            async {
+                match health_server {
+                    Some(f) => f.await,
+                    None => Ok(()),
+                }
+            }
+        )
+    };
     // In-flight requests get a grace period; idle clients that never hang up do not
     // keep the daemon alive.
+    let mut grace_rx = stop_rx.clone();
     tokio::select! {
-        r = graceful => r?,
-        _ = async { stopping.notified().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+        r = all => { r?; }
+        _ = async { let _ = grace_rx.wait_for(|s| *s).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
             tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping anyway");
         }
     }

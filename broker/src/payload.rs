@@ -7,6 +7,8 @@ use serde::Serialize;
 
 /// Annotation key under which the daemon records the authenticated caller.
 pub const CALLER_ANNOTATION: &str = "keybroker.dev/caller";
+/// Annotation recording a verified OIDC ID token's issuer and subject.
+pub const OIDC_ANNOTATION: &str = "keybroker.dev/oidc";
 /// Annotation prefix reserved for the daemon; clients may not set these keys.
 pub const RESERVED_PREFIX: &str = "keybroker.dev/";
 

@@ -15,29 +15,46 @@ pub enum CallerMatcher {
     Uid(u32),
     /// A gid (the peer's effective gid).
     Gid(u32),
+    /// A client certificate with this URI SAN (e.g. a SPIFFE ID).
+    X509Uri(String),
+    /// A client certificate with this DNS SAN.
+    X509Dns(String),
 }
 
 impl CallerMatcher {
-    /// Parses `uid:N`, `gid:N` or `*`.
+    /// Parses `uid:N`, `gid:N`, `x509-uri:URI`, `x509-dns:NAME` or `*`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("caller {s:?}: expected \"uid:N\", \"gid:N\" or \"*\"");
+        let bad = || {
+            format!(
+                "caller {s:?}: expected \"uid:N\", \"gid:N\", \"x509-uri:URI\", \"x509-dns:NAME\" or \"*\""
+            )
+        };
         if s == "*" {
             return Ok(CallerMatcher::Any);
         }
-        let (kind, n) = s.split_once(':').ok_or_else(bad)?;
-        let n: u32 = n.parse().map_err(|_| bad())?;
+        let (kind, v) = s.split_once(':').ok_or_else(bad)?;
         match kind {
-            "uid" => Ok(CallerMatcher::Uid(n)),
-            "gid" => Ok(CallerMatcher::Gid(n)),
+            "uid" => Ok(CallerMatcher::Uid(v.parse().map_err(|_| bad())?)),
+            "gid" => Ok(CallerMatcher::Gid(v.parse().map_err(|_| bad())?)),
+            "x509-uri" if !v.is_empty() => Ok(CallerMatcher::X509Uri(v.to_string())),
+            // DNS names compare case-insensitively.
+            "x509-dns" if !v.is_empty() => Ok(CallerMatcher::X509Dns(v.to_ascii_lowercase())),
             _ => Err(bad()),
         }
     }
 
     fn matches(&self, c: &Caller) -> bool {
-        match self {
-            CallerMatcher::Any => true,
-            CallerMatcher::Uid(u) => c.uid == *u,
-            CallerMatcher::Gid(g) => c.gid == *g,
+        match (self, c) {
+            (CallerMatcher::Any, _) => true,
+            (CallerMatcher::Uid(u), Caller::Unix { uid, .. }) => uid == u,
+            (CallerMatcher::Gid(g), Caller::Unix { gid, .. }) => gid == g,
+            (CallerMatcher::X509Uri(want), Caller::Certificate(id)) => {
+                id.uris.iter().any(|u| u == want)
+            }
+            (CallerMatcher::X509Dns(want), Caller::Certificate(id)) => {
+                id.dns.iter().any(|d| d.eq_ignore_ascii_case(want))
+            }
+            _ => false,
         }
     }
 }
@@ -49,9 +66,21 @@ struct Rule {
     images: Vec<String>,
     require_annotations: Vec<String>,
     allow_raw_digest: bool,
+    claims: BTreeMap<String, String>,
 }
 
 impl Rule {
+    fn admits_token(&self, token: Option<&crate::oidc::Token>) -> bool {
+        if self.claims.is_empty() {
+            return true;
+        }
+        let Some(t) = token else { return false };
+        self.claims.iter().all(|(k, pat)| {
+            t.claims
+                .get(k)
+                .is_some_and(|v| crate::oidc::claim_match(pat, v))
+        })
+    }
     fn admits_caller(&self, c: &Caller) -> bool {
         self.callers.iter().any(|m| m.matches(c))
     }
@@ -90,6 +119,9 @@ pub enum Denied {
     /// No rule names this caller.
     #[error("no policy rule admits caller {0}")]
     Caller(String),
+    /// Rules name this caller, but require ID token claims it did not present.
+    #[error("no policy rule for caller {0} accepts its ID token (claims, or no token sent)")]
+    Claims(String),
     /// No rule for this caller names the key.
     #[error("policy does not let this caller use key {0:?}")]
     Key(String),
@@ -131,21 +163,39 @@ impl Policy {
                     images: r.images.clone(),
                     require_annotations: r.require_annotations.clone(),
                     allow_raw_digest: r.allow_raw_digest,
+                    claims: r.claims.clone(),
                 })
             })
             .collect::<Result<_, String>>()?;
         Ok(Policy { rules })
     }
 
-    /// Allows or denies; the first family that no rule satisfies is reported.
+    /// Allows or denies a caller without an ID token.
     pub fn check(&self, caller: &Caller, action: &Action<'_>) -> Result<(), Denied> {
-        let for_caller: Vec<&Rule> = self
+        self.check_with_token(caller, None, action)
+    }
+
+    /// Allows or denies; the first family that no rule satisfies is reported.
+    pub fn check_with_token(
+        &self,
+        caller: &Caller,
+        token: Option<&crate::oidc::Token>,
+        action: &Action<'_>,
+    ) -> Result<(), Denied> {
+        let by_caller: Vec<&Rule> = self
             .rules
             .iter()
             .filter(|r| r.admits_caller(caller))
             .collect();
-        if for_caller.is_empty() {
+        if by_caller.is_empty() {
             return Err(Denied::Caller(caller.to_string()));
+        }
+        let for_caller: Vec<&Rule> = by_caller
+            .into_iter()
+            .filter(|r| r.admits_token(token))
+            .collect();
+        if for_caller.is_empty() {
+            return Err(Denied::Claims(caller.to_string()));
         }
         let key = match action {
             Action::SignImage { key, .. } | Action::SignDigest { key } => *key,
@@ -206,10 +256,15 @@ impl Policy {
     }
 
     /// Whether any rule lets this caller use the key (for ListKeys).
-    pub fn may_use_key(&self, caller: &Caller, key: &str) -> bool {
+    pub fn may_use_key(
+        &self,
+        caller: &Caller,
+        token: Option<&crate::oidc::Token>,
+        key: &str,
+    ) -> bool {
         self.rules
             .iter()
-            .any(|r| r.admits_caller(caller) && r.admits_key(key))
+            .any(|r| r.admits_caller(caller) && r.admits_token(token) && r.admits_key(key))
     }
 }
 
@@ -244,14 +299,87 @@ mod tests {
             images: v(images),
             require_annotations: v(req),
             allow_raw_digest: raw,
+            claims: Default::default(),
         }
     }
+
+    #[test]
+    fn claims_rules_need_a_matching_token() {
+        let mut r = rule(&["*"], &["k"], &["**"], &[], true);
+        r.claims.insert("repository".into(), "acme/*".into());
+        r.claims.insert("ref".into(), "refs/heads/main".into());
+        let p = Policy::new(&[r]).unwrap();
+        let tok = |repo: &str, git_ref: &str| crate::oidc::Token {
+            issuer: "https://issuer.test".into(),
+            subject: "s".into(),
+            claims: [
+                ("repository".to_string(), repo.to_string()),
+                ("ref".to_string(), git_ref.to_string()),
+            ]
+            .into(),
+        };
+        let a = Action::SignDigest { key: "k" };
+        let c = caller(5, 5);
+        assert!(p
+            .check_with_token(&c, Some(&tok("acme/api", "refs/heads/main")), &a)
+            .is_ok());
+        assert!(matches!(
+            p.check_with_token(&c, Some(&tok("evil/api", "refs/heads/main")), &a),
+            Err(Denied::Claims(_))
+        ));
+        assert!(matches!(
+            p.check_with_token(&c, Some(&tok("acme/api", "refs/heads/dev")), &a),
+            Err(Denied::Claims(_))
+        ));
+        assert!(matches!(p.check(&c, &a), Err(Denied::Claims(_))));
+        assert!(!p.may_use_key(&c, None, "k"));
+        assert!(p.may_use_key(&c, Some(&tok("acme/x", "refs/heads/main")), "k"));
+    }
+
     fn caller(uid: u32, gid: u32) -> Caller {
-        Caller {
+        Caller::Unix {
             uid,
             gid,
             pid: None,
         }
+    }
+
+    #[test]
+    fn certificate_callers_match_their_sans_only() {
+        let p = Policy::new(&[
+            rule(
+                &["x509-uri:spiffe://example.org/ns/ci/sa/builder"],
+                &["k"],
+                &["**"],
+                &[],
+                true,
+            ),
+            rule(&["x509-dns:Agent.Example.org"], &["d"], &["**"], &[], true),
+        ])
+        .unwrap();
+        let cert = |uris: &[&str], dns: &[&str]| {
+            Caller::Certificate(crate::identity::CertIdentity {
+                uris: uris.iter().map(|s| s.to_string()).collect(),
+                dns: dns.iter().map(|s| s.to_string()).collect(),
+                subject: "CN=x".into(),
+            })
+        };
+        let raw = |key| Action::SignDigest { key };
+        let builder = cert(&["spiffe://example.org/ns/ci/sa/builder"], &[]);
+        assert!(p.check(&builder, &raw("k")).is_ok());
+        assert!(matches!(p.check(&builder, &raw("d")), Err(Denied::Key(_))));
+        let other = cert(&["spiffe://example.org/ns/ci/sa/other"], &[]);
+        assert!(matches!(p.check(&other, &raw("k")), Err(Denied::Caller(_))));
+        assert!(p
+            .check(&cert(&[], &["agent.example.org"]), &raw("d"))
+            .is_ok());
+        // A unix caller never matches a certificate rule, and vice versa.
+        assert!(matches!(
+            p.check(&caller(0, 0), &raw("k")),
+            Err(Denied::Caller(_))
+        ));
+        assert!(CallerMatcher::parse("x509-uri:").is_err());
+        assert!(CallerMatcher::parse("spiffe://x").is_err());
     }
 
     #[test]

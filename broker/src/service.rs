@@ -30,6 +30,10 @@ pub struct State {
     pub keys: BTreeMap<String, Arc<KeyEntry>>,
     /// The compiled policy.
     pub policy: Policy,
+    /// Rate limits (reset by a reload).
+    pub limits: crate::limits::Limiter,
+    /// Trusted OIDC issuers.
+    pub oidc: crate::oidc::Issuers,
     /// Where decisions are recorded; `None` when `server.audit_log` is unset.
     /// Survives reloads (the daemon carries it into each new state).
     pub audit: Option<Arc<AuditLog>>,
@@ -39,10 +43,14 @@ pub struct State {
 struct Audit<'a> {
     log: Option<&'a Arc<AuditLog>>,
     record: serde_json::Map<String, serde_json::Value>,
+    /// For the metrics: the RPC, and the key alias if the broker has it (an
+    /// unknown alias is counted as "(unknown)", so callers cannot mint labels).
+    rpc: &'static str,
+    metrics_key: String,
 }
 
 impl<'a> Audit<'a> {
-    fn new(state: &'a State, rpc: &str, caller: &Caller, key: &str) -> Self {
+    fn new(state: &'a State, rpc: &'static str, caller: &Caller, key: &str) -> Self {
         use serde_json::json;
         let mut record = serde_json::Map::new();
         if state.audit.is_some() {
@@ -51,16 +59,7 @@ impl<'a> Audit<'a> {
                 .unwrap_or_default();
             record.insert("time".into(), json!(now));
             record.insert("rpc".into(), json!(rpc));
-            record.insert(
-                "caller".into(),
-                json!({
-                    "uid": caller.uid,
-                    "gid": caller.gid,
-                    "pid": caller.pid,
-                    "exe": caller.executable(),
-                    "identity": caller.payload_identity(),
-                }),
-            );
+            record.insert("caller".into(), caller.audit_json());
             record.insert("key".into(), json!(key));
             if let Some(entry) = state.keys.get(key) {
                 record.insert("key_id".into(), json!(entry.provider.key_id()));
@@ -69,6 +68,12 @@ impl<'a> Audit<'a> {
         Audit {
             log: state.audit.as_ref(),
             record,
+            rpc,
+            metrics_key: if state.keys.contains_key(key) {
+                key.to_string()
+            } else {
+                "(unknown)".to_string()
+            },
         }
     }
 
@@ -80,16 +85,27 @@ impl<'a> Audit<'a> {
 
     /// Writes the record with its decision; durable when this returns Ok.
     async fn write(mut self, decision: &str, reason: Option<String>) -> Result<(), Status> {
-        let Some(log) = self.log else { return Ok(()) };
+        let Some(log) = self.log else {
+            crate::metrics::count_request(self.rpc, &self.metrics_key, decision);
+            return Ok(());
+        };
         self.record.insert("decision".into(), decision.into());
         if let Some(r) = reason {
             self.record.insert("reason".into(), r.into());
         }
-        log.append(self.record).await.map_err(|e| {
-            Status::unavailable(format!(
-                "audit log unavailable, so no signature was issued: {e}"
-            ))
-        })
+        let (rpc, key) = (self.rpc, std::mem::take(&mut self.metrics_key));
+        match log.append(self.record).await {
+            Ok(()) => {
+                crate::metrics::count_request(rpc, &key, decision);
+                Ok(())
+            }
+            Err(e) => {
+                crate::metrics::count_request(rpc, &key, "audit_failed");
+                Err(Status::unavailable(format!(
+                    "audit log unavailable, so no signature was issued: {e}"
+                )))
+            }
+        }
     }
 
     /// Records a refusal; the caller gets `status` either way (a failing audit
@@ -138,6 +154,25 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         .ok_or_else(|| Status::unauthenticated("caller identity unavailable (no peer credentials)"))
 }
 
+/// The verified ID token of a request (`authorization: Bearer …`), if it sent
+/// one. A token that does not verify is an error, never "no token".
+fn id_token<T>(state: &State, req: &Request<T>) -> Result<Option<crate::oidc::Token>, Status> {
+    let Some(v) = req.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| Status::unauthenticated("authorization header is not ASCII"))?;
+    let token = v
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer ID-TOKEN\""))?;
+    state
+        .oidc
+        .verify(token.trim())
+        .map(Some)
+        .map_err(Status::unauthenticated)
+}
+
 fn key_info(entry: &KeyEntry, public: PublicKey) -> KeyInfo {
     KeyInfo {
         alias: entry.alias.clone(),
@@ -170,8 +205,15 @@ impl KeyBroker for BrokerService {
     ) -> Result<Response<SignImageResponse>, Status> {
         let caller = caller(&req)?;
         let state = self.state.load_full();
+        let token = id_token(&state, &req)?;
         let r = req.into_inner();
         let mut audit = Audit::new(&state, "SignImage", &caller, &r.key);
+        if let Some(t) = &token {
+            audit.set(
+                "oidc",
+                serde_json::json!({"iss": t.issuer, "sub": t.subject}),
+            );
+        }
         audit.set("image", r.docker_reference.clone());
         audit.set("digest", r.manifest_digest.clone());
         let entry = match state.key(&r.key) {
@@ -202,8 +244,9 @@ impl KeyBroker for BrokerService {
             annotations.insert(k, v);
         }
         audit.set("annotations", serde_json::json!(annotations));
-        if let Err(d) = state.policy.check(
+        if let Err(d) = state.policy.check_with_token(
             &caller,
+            token.as_ref(),
             &Action::SignImage {
                 key: &r.key,
                 image: &r.docker_reference,
@@ -212,14 +255,26 @@ impl KeyBroker for BrokerService {
         ) {
             return Err(audit.refuse("denied", deny(&caller, &r.key, d)).await);
         }
+        if let Err(l) = state.limits.check(&caller.payload_identity(), &r.key) {
+            return Err(audit.refuse("rate_limited", status::from_limited(&l)).await);
+        }
         annotations.insert(
             payload::CALLER_ANNOTATION.to_string(),
             caller.payload_identity(),
         );
+        if let Some(t) = &token {
+            annotations.insert(
+                payload::OIDC_ANNOTATION.to_string(),
+                format!("iss={} sub={}", t.issuer, t.subject),
+            );
+        }
         let body = payload::simple_signing(&r.docker_reference, &r.manifest_digest, &annotations);
         let payload_digest = Sha256Digest::of(&body);
         audit.set("payload_sha256", hex::encode(payload_digest.as_bytes()));
-        let sig = match entry.provider.sign_digest(&payload_digest).await {
+        let started = std::time::Instant::now();
+        let signed = entry.provider.sign_digest(&payload_digest).await;
+        crate::metrics::observe_backend(&r.key, signed.is_ok(), started.elapsed());
+        let sig = match signed {
             Ok(s) => s,
             Err(e) => return Err(audit.refuse("failed", status::from_provider(&e)).await),
         };
@@ -238,8 +293,15 @@ impl KeyBroker for BrokerService {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let caller = caller(&req)?;
         let state = self.state.load_full();
+        let token = id_token(&state, &req)?;
         let r = req.into_inner();
         let mut audit = Audit::new(&state, "Sign", &caller, &r.key);
+        if let Some(t) = &token {
+            audit.set(
+                "oidc",
+                serde_json::json!({"iss": t.issuer, "sub": t.subject}),
+            );
+        }
         let entry = match state.key(&r.key) {
             Ok(e) => e,
             Err(s) => return Err(audit.refuse("denied", s).await),
@@ -250,13 +312,20 @@ impl KeyBroker for BrokerService {
             "digest",
             format!("sha256:{}", hex::encode(digest.as_bytes())),
         );
-        if let Err(d) = state
-            .policy
-            .check(&caller, &Action::SignDigest { key: &r.key })
-        {
+        if let Err(d) = state.policy.check_with_token(
+            &caller,
+            token.as_ref(),
+            &Action::SignDigest { key: &r.key },
+        ) {
             return Err(audit.refuse("denied", deny(&caller, &r.key, d)).await);
         }
-        let sig = match entry.provider.sign_digest(&digest).await {
+        if let Err(l) = state.limits.check(&caller.payload_identity(), &r.key) {
+            return Err(audit.refuse("rate_limited", status::from_limited(&l)).await);
+        }
+        let started = std::time::Instant::now();
+        let signed = entry.provider.sign_digest(&digest).await;
+        crate::metrics::observe_backend(&r.key, signed.is_ok(), started.elapsed());
+        let sig = match signed {
             Ok(s) => s,
             Err(e) => return Err(audit.refuse("failed", status::from_provider(&e)).await),
         };
@@ -292,10 +361,11 @@ impl KeyBroker for BrokerService {
     ) -> Result<Response<ListKeysResponse>, Status> {
         let caller = caller(&req)?;
         let state = self.state.load_full();
+        let token = id_token(&state, &req)?;
         let keys = state
             .keys
             .values()
-            .filter(|e| state.policy.may_use_key(&caller, &e.alias))
+            .filter(|e| state.policy.may_use_key(&caller, token.as_ref(), &e.alias))
             // No backend calls here: a key whose backend has not answered yet is
             // listed without a public key.
             .map(|e| {

@@ -27,3 +27,8 @@ pub fn from_provider(err: &Error) -> Status {
 pub fn from_denied(d: &Denied) -> Status {
     Status::permission_denied(d.to_string())
 }
+
+/// A rate limit: RESOURCE_EXHAUSTED, saying when to retry.
+pub fn from_limited(l: &crate::limits::Limited) -> Status {
+    Status::resource_exhausted(l.to_string())
+}

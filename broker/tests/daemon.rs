@@ -396,3 +396,77 @@ fn create_key_makes_kms_and_transit_keys_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn metrics_count_decisions_and_backend_latency() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
+    std::fs::write(&key, keybroker_providers::pem::encode("PRIVATE KEY", &der)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let socket = dir.path().join("m.sock");
+    let config = dir.path().join("m.toml");
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsocket = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n[keys.k]\nref = \"{}\"\n[[policy]]\ncallers = [\"uid:{uid}\"]\nkeys = [\"k\"]\nimages = [\"**\"]\nallow_raw_digest = true\n",
+            socket.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let mut d = start(dir.path(), &["--config", config.to_str().unwrap()]);
+    d.socket = socket;
+    wait_for_socket(&d.socket).await;
+    let mut c = client(&d.socket).await;
+    for _ in 0..2 {
+        c.sign(SignRequest {
+            key: "k".into(),
+            digest: vec![3; 32],
+        })
+        .await
+        .unwrap();
+    }
+    for alias in ["nope-1", "nope-2"] {
+        let e = c
+            .sign(SignRequest {
+                key: alias.into(),
+                digest: vec![3; 32],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains("keybroker_requests_total{rpc=\"Sign\",key=\"k\",decision=\"allowed\"} 2"),
+        "{text}"
+    );
+    // Unknown aliases share one label value: callers cannot mint series.
+    assert!(
+        text.contains(
+            "keybroker_requests_total{rpc=\"Sign\",key=\"(unknown)\",decision=\"denied\"} 2"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("nope-1"), "{text}");
+    assert!(
+        text.contains("keybroker_backend_sign_seconds_count{key=\"k\",result=\"ok\"} 2"),
+        "{text}"
+    );
+}

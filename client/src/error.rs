@@ -4,7 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The daemon's socket cannot be reached.
-    #[error("keybrokerd is not reachable at {socket} ({reason}); start it with `keybrokerd`, or point --socket / $KEYBROKER_SOCKET at its socket")]
+    #[error("keybrokerd is not reachable at {socket} ({reason}); start it with `keybrokerd`, or point --socket / $KEYBROKER_SOCKET (or --broker URL) at it")]
     BrokerUnreachable {
         /// The socket tried.
         socket: String,

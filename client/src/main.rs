@@ -39,6 +39,19 @@ struct Global {
     /// keybrokerd's unix socket [default: $KEYBROKER_SOCKET, else the daemon's default path]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// keybrokerd's mutual-TLS listener, https://HOST:PORT, instead of the socket.
+    /// The client certificate (--tls-cert/--tls-key) is your identity to its policy.
+    #[arg(long, global = true, env = "KEYBROKER_URL", conflicts_with = "socket")]
+    broker: Option<String>,
+    /// Client certificate (PEM) for --broker
+    #[arg(long, global = true, env = "KEYBROKER_TLS_CERT", requires = "broker")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) for --broker
+    #[arg(long, global = true, env = "KEYBROKER_TLS_KEY", requires = "broker")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that issued keybrokerd's server certificate, for --broker
+    #[arg(long, global = true, env = "KEYBROKER_TLS_CA", requires = "broker")]
+    tls_ca: Option<PathBuf>,
     /// Registry username (default: from docker's config.json / credential helpers)
     #[arg(long, global = true, env = "KEYBROKER_REGISTRY_USERNAME")]
     registry_username: Option<String>,
@@ -88,7 +101,8 @@ enum Command {
     },
     /// Print a key's public key (PEM).
     PublicKey {
-        /// Broker key alias, or a key reference (file path, env://VAR) to read locally
+        /// Broker key alias, or a key reference to read directly (file path,
+        /// env://VAR; gitlab://… and github://… read COSIGN_PUBLIC_KEY)
         #[arg(long)]
         key: String,
         /// Write to this file instead of stdout
@@ -118,6 +132,12 @@ enum Command {
     /// asked for on the terminal) and cosign.pub in the current directory.
     /// With hashivault://NAME or openbao://NAME: creates an ecdsa-p256 transit key
     /// (VAULT_ADDR, VAULT_TOKEN, TRANSIT_SECRET_ENGINE_PATH) and writes cosign.pub.
+    /// With gitlab://PROJECT_ID, gitlab://GROUP/PROJECT or gitlab://GROUP
+    /// (GITLAB_TOKEN, GITLAB_HOST) or github://OWNER/REPO[?environment=ENV] or
+    /// github://ORG (GITHUB_TOKEN, GITHUB_API_URL / GITHUB_HOST): stores
+    /// COSIGN_PRIVATE_KEY, COSIGN_PASSWORD and COSIGN_PUBLIC_KEY as CI/CD
+    /// variables / Actions secrets (on GitHub also the variable
+    /// COSIGN_PUBLIC_KEY) and writes cosign.pub; --force replaces a stored pair.
     GenerateKeyPair {
         /// Where to create the key: omitted for files in the current directory
         reference: Option<String>,
@@ -127,6 +147,8 @@ enum Command {
         /// Overwrite existing files
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        ci: keybroker_client::provision::ci::CiFlags,
     },
 }
 
@@ -186,7 +208,22 @@ fn registry(g: &Global) -> Result<Registry, Error> {
 
 async fn run(cli: Cli) -> Result<(), Error> {
     let g = &cli.global;
-    let socket = broker::socket_path(g.socket.as_deref());
+    let socket = match &g.broker {
+        None => broker::Target::Unix(broker::socket_path(g.socket.as_deref())),
+        Some(url) => match (&g.tls_cert, &g.tls_key, &g.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => broker::Target::Tls {
+                url: url.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            },
+            _ => {
+                return Err(Error::Other(
+                    "--broker needs --tls-cert, --tls-key and --tls-ca (keybrokerd's TCP listener is mutual TLS only)".into(),
+                ))
+            }
+        },
+    };
     match cli.command {
         Command::Sign {
             images,
@@ -238,9 +275,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::PublicKey { key, outfile } => {
             let pem = if key.contains("://") || Path::new(&key).exists() {
                 let key_ref = KeyRef::parse(&key)?;
-                let password = std::env::var("COSIGN_PASSWORD").ok().map(Password::new);
-                let provider = open_local(&key_ref, password.as_ref())?;
-                provider.public_key().await?.pem
+                match keybroker_client::provision::ci::public_key(&key_ref).await? {
+                    Some(pem) => pem,
+                    None => {
+                        let password = std::env::var("COSIGN_PASSWORD").ok().map(Password::new);
+                        let provider = open_local(&key_ref, password.as_ref())?;
+                        provider.public_key().await?.pem
+                    }
+                }
             } else {
                 let mut client = broker::connect(&socket).await?;
                 client
@@ -299,7 +341,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             reference,
             output_key_prefix,
             force,
-        } => generate_key_pair(reference.as_deref(), &output_key_prefix, force).await,
+            ci,
+        } => generate_key_pair(reference.as_deref(), &output_key_prefix, force, &ci).await,
     }
 }
 
@@ -315,7 +358,7 @@ fn parse_annotations(raw: &[String]) -> Result<HashMap<String, String>, Error> {
 }
 
 async fn sign_all(
-    client: keybroker_proto::v1::key_broker_client::KeyBrokerClient<tonic::transport::Channel>,
+    client: broker::Client,
     registry: Arc<Registry>,
     images: Vec<String>,
     key: String,
@@ -407,9 +450,21 @@ async fn generate_key_pair(
     reference: Option<&str>,
     prefix: &str,
     force: bool,
+    ci: &keybroker_client::provision::ci::CiFlags,
 ) -> Result<(), Error> {
     if let Some(r) = reference {
         let key_ref = KeyRef::parse(r)?;
+        if keybroker_client::provision::ci::handles(&key_ref) {
+            let pub_path = PathBuf::from(format!("{prefix}.pub"));
+            return keybroker_client::provision::ci::generate_key_pair(
+                &key_ref,
+                ci,
+                &pub_path,
+                force,
+                password_for_new_key,
+            )
+            .await;
+        }
         return match &key_ref {
             KeyRef::Vault { key, .. } => {
                 let pub_path = PathBuf::from(format!("{prefix}.pub"));
@@ -434,7 +489,7 @@ async fn generate_key_pair(
             ))),
             other => Err(Error::Key(keybroker_providers::Error::NotBuilt {
                 scheme: other.scheme(),
-                hint: " for generate-key-pair yet (built: file keys, hashivault://, openbao://)".into(),
+                hint: " for generate-key-pair yet (built: file keys, hashivault://, openbao://, gitlab://, github://)".into(),
             })),
         };
     }

@@ -1,6 +1,8 @@
 //! `generate-key-pair` for key sources that create keys remotely. The client links
 //! no cloud SDK, so these are the few plain HTTP calls each needs.
 
+pub mod ci;
+
 use std::path::Path;
 
 use serde_json::Value;

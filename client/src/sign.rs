@@ -3,8 +3,7 @@
 use std::collections::HashMap;
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignImageRequest};
-use tonic::transport::Channel;
+use keybroker_proto::v1::SignImageRequest;
 
 use crate::{
     cosign::{append_signature, SignatureLayer},
@@ -27,7 +26,7 @@ pub struct Signed {
 
 /// Signs one image with the broker's key `key` and stores the signature.
 pub async fn sign_image(
-    broker: &mut KeyBrokerClient<Channel>,
+    broker: &mut crate::broker::Client,
     registry: &Registry,
     image: &str,
     key: &str,

@@ -305,3 +305,31 @@ async fn an_unwritable_audit_log_means_no_signature() {
     let e = c.sign_image(sign_image("other/x", 1)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn rate_limits_answer_resource_exhausted_and_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path(), "k");
+    let audit = dir.path().join("audit.jsonl");
+    // 3 at once, then one every 10 s: the fourth request in a row is refused.
+    let cfg = format!(
+        "{}[limits]\nper_caller = {{ per_second = 0.1, burst = 3 }}\n",
+        config(&key, &audit, None)
+    );
+    let broker = TestBroker::start(&cfg).await;
+    let mut c = connect(&broker.socket).await;
+    for i in 0..3 {
+        c.sign_image(sign_image("app/web", i))
+            .await
+            .expect("within the burst");
+    }
+    let e = c.sign_image(sign_image("app/web", 3)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("retry in"), "{e}");
+    let recs = records(&audit);
+    assert_eq!(recs.len(), 4);
+    assert_eq!(recs[3]["decision"], "rate_limited");
+    // A denial by policy does not spend the caller's tokens, and is still a denial.
+    let e = c.sign_image(sign_image("other/x", 4)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}

@@ -64,14 +64,14 @@ pub const SCHEMES: &[Scheme] = &[
     Scheme {
         name: "gitlab",
         feature: Some("gitlab"),
-        built: false,
+        built: cfg!(feature = "gitlab"),
         example: "gitlab://GROUP/PROJECT",
     },
     Scheme {
         name: "github",
         feature: Some("github"),
-        built: false,
-        example: "github://OWNER/REPO",
+        built: cfg!(feature = "github"),
+        example: "github://OWNER/REPO[?environment=ENV]",
     },
 ];
 
@@ -113,12 +113,15 @@ pub enum KeyRef {
         /// Project id, `GROUP/PROJECT` or `GROUP`.
         path: String,
     },
-    /// GitHub Actions secrets of a repository or organization.
+    /// GitHub Actions secrets of a repository, an organization, or a
+    /// repository's deployment environment (`github://OWNER/REPO?environment=ENV`).
     GitHub {
         /// Owner (user or organization).
         owner: String,
         /// Repository, absent for organization secrets.
         repo: Option<String>,
+        /// Deployment environment of the repository, if any (taken literally).
+        environment: Option<String>,
     },
 }
 
@@ -212,17 +215,41 @@ impl KeyRef {
                 })
             }
             "github" => {
-                let parts: Vec<&str> = rest.split('/').collect();
+                let (path, query) = match rest.split_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (rest, None),
+                };
+                let environment = match query {
+                    None => None,
+                    Some(q) => match q.strip_prefix("environment=") {
+                        Some(env) if !env.is_empty() && !env.contains(['&', '/']) => {
+                            Some(env.to_string())
+                        }
+                        _ => {
+                            return Err(invalid(
+                                "the only query is ?environment=ENV (a deployment environment of the repository)",
+                            ))
+                        }
+                    },
+                };
+                let parts: Vec<&str> = path.split('/').collect();
                 match parts.as_slice() {
-                    [owner] if !owner.is_empty() => Ok(KeyRef::GitHub {
+                    [owner] if !owner.is_empty() && environment.is_none() => Ok(KeyRef::GitHub {
                         owner: owner.to_string(),
                         repo: None,
+                        environment,
                     }),
+                    [_] if environment.is_some() => Err(invalid(
+                        "environments belong to a repository: github://OWNER/REPO?environment=ENV",
+                    )),
                     [owner, repo] if !owner.is_empty() && !repo.is_empty() => Ok(KeyRef::GitHub {
                         owner: owner.to_string(),
                         repo: Some(repo.to_string()),
+                        environment,
                     }),
-                    _ => Err(invalid("expected github://OWNER/REPO or github://OWNER")),
+                    _ => Err(invalid(
+                        "expected github://OWNER/REPO, github://OWNER/REPO?environment=ENV or github://OWNER",
+                    )),
                 }
             }
             other => Err(Error::UnknownScheme {
@@ -266,8 +293,16 @@ impl fmt::Display for KeyRef {
             KeyRef::GitHub {
                 owner,
                 repo: Some(r),
+                environment: None,
             } => write!(f, "github://{owner}/{r}"),
-            KeyRef::GitHub { owner, repo: None } => write!(f, "github://{owner}"),
+            KeyRef::GitHub {
+                owner,
+                repo: Some(r),
+                environment: Some(e),
+            } => write!(f, "github://{owner}/{r}?environment={e}"),
+            KeyRef::GitHub {
+                owner, repo: None, ..
+            } => write!(f, "github://{owner}"),
         }
     }
 }
@@ -312,6 +347,10 @@ mod tests {
             ("gitlab://1234", "gitlab://1234"),
             ("github://owner/repo", "github://owner/repo"),
             ("github://owner", "github://owner"),
+            (
+                "github://owner/repo?environment=production",
+                "github://owner/repo?environment=production",
+            ),
         ];
         for (input, shown) in cases {
             let parsed = KeyRef::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -322,6 +361,26 @@ mod tests {
             KeyRef::AwsKms {
                 endpoint: Some("localhost:4566".into()),
                 key_id: "alias/x".into()
+            }
+        );
+    }
+
+    #[test]
+    fn github_environment_is_part_of_the_reference() {
+        assert_eq!(
+            KeyRef::parse("github://acme/app?environment=prod").unwrap(),
+            KeyRef::GitHub {
+                owner: "acme".into(),
+                repo: Some("app".into()),
+                environment: Some("prod".into()),
+            }
+        );
+        assert_eq!(
+            KeyRef::parse("github://acme").unwrap(),
+            KeyRef::GitHub {
+                owner: "acme".into(),
+                repo: None,
+                environment: None,
             }
         );
     }
@@ -352,6 +411,10 @@ mod tests {
             "hashivault://",
             "file://relative/path",
             "github://",
+            "github://owner?environment=prod",
+            "github://owner/repo?environment=",
+            "github://owner/repo?env=prod",
+            "github://owner/repo/extra",
             "awskms://",
         ] {
             assert!(KeyRef::parse(bad).is_err(), "{bad:?} was accepted");

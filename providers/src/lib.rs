@@ -15,8 +15,14 @@ pub mod ecdsa;
 mod env;
 mod error;
 mod file;
+#[cfg(feature = "github")]
+pub mod github;
+#[cfg(feature = "gitlab")]
+pub mod gitlab;
 pub mod keyref;
 pub mod pem;
+#[cfg(any(feature = "gitlab", feature = "github"))]
+mod rest;
 #[cfg(feature = "vault")]
 pub mod vault;
 pub mod wrap;
@@ -28,6 +34,17 @@ pub use env::EnvKey;
 pub use error::{Error, Result};
 pub use file::FileKey;
 pub use keyref::{KeyRef, SCHEMES};
+
+/// The names cosign (and keybroker) give a key pair stored in a CI system
+/// (GitLab CI/CD variables, GitHub Actions secrets).
+pub mod ci_names {
+    /// The cosign-encrypted private key (PEM).
+    pub const PRIVATE_KEY: &str = "COSIGN_PRIVATE_KEY";
+    /// Its password.
+    pub const PASSWORD: &str = "COSIGN_PASSWORD";
+    /// The public key (PEM).
+    pub const PUBLIC_KEY: &str = "COSIGN_PUBLIC_KEY";
+}
 
 /// The only signature algorithm keybroker produces today.
 pub const ALGORITHM: &str = "ecdsa-p256-sha256";
@@ -119,11 +136,14 @@ pub struct OpenOptions {
     /// Vault / OpenBao connection (defaults from `VAULT_ADDR`, `VAULT_TOKEN`, …).
     #[cfg(feature = "vault")]
     pub vault: vault::VaultOptions,
+    /// GitLab connection (defaults from `GITLAB_HOST`, `GITLAB_TOKEN`).
+    #[cfg(feature = "gitlab")]
+    pub gitlab: gitlab::GitLabOptions,
 }
 
 /// What every remote key source gets: retries with jittered backoff around a
 /// public-key cache (5 minutes, one fetch in flight per key).
-#[cfg(any(feature = "vault", feature = "aws"))]
+#[cfg(any(feature = "vault", feature = "aws", feature = "gitlab"))]
 fn remote(provider: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
     let cached = Arc::new(wrap::CachedPublicKey::new(
         provider,
@@ -166,11 +186,21 @@ pub async fn create_key(key_ref: &KeyRef, options: &OpenOptions) -> Result<Publi
         other => {
             let _ = options;
             Err(Error::Unsupported(format!(
-                "creating {}:// keys here (files: keybroker generate-key-pair)",
+                "creating {}:// keys here (files, gitlab:// and github://: keybroker generate-key-pair)",
                 other.scheme()
             )))
         }
     }
+}
+
+/// Why `github://` cannot be a signing source: GitHub never returns a secret's
+/// value, so a workflow signs with the secrets GitHub puts in its environment.
+pub fn github_is_no_signing_source(key_ref: &KeyRef) -> Error {
+    Error::Unsupported(format!(
+        "{key_ref} names GitHub Actions secrets, which GitHub never returns through its API, so they cannot be a signing key here; inside the workflow, pass the secrets to the job as environment variables and use ref = \"env://{}\" with password_env = \"{}\" (keybroker generate-key-pair {key_ref} stores them)",
+        ci_names::PRIVATE_KEY,
+        ci_names::PASSWORD
+    ))
 }
 
 /// Opens the key a reference names.
@@ -188,6 +218,13 @@ pub async fn open(key_ref: &KeyRef, options: &OpenOptions) -> Result<Arc<dyn Key
             let key = vault::VaultKey::open(scheme, key, &options.vault)?;
             Ok(remote(Arc::new(key)))
         }
+        #[cfg(feature = "gitlab")]
+        KeyRef::GitLab { path } => {
+            let key = gitlab::GitLabKey::open(path, &options.gitlab)?;
+            Ok(remote(Arc::new(key)))
+        }
+        // Whatever the features: GitHub never gives a secret back.
+        KeyRef::GitHub { .. } => Err(github_is_no_signing_source(key_ref)),
         other => {
             let scheme = other.scheme();
             let hint = SCHEMES

@@ -1,0 +1,216 @@
+//! Bearer OIDC ID tokens on the real keybrokerd: a token signed by a key in the
+//! issuer's JWKS, with the right audience and not expired, lets its claims
+//! satisfy a rule's `claims`; a wrong audience, an expired token, a foreign key
+//! or an unknown issuer are UNAUTHENTICATED; no token where a rule needs one is
+//! PERMISSION_DENIED naming the claims family.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::{jwk::JwkSet, Algorithm, EncodingKey, Header};
+use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignImageRequest, SignRequest};
+use tonic::{transport::Endpoint, Code, Request};
+
+const ISS: &str = "https://token.actions.test";
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signing_key() -> (EncodingKey, jsonwebtoken::jwk::Jwk) {
+    let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
+    // PKCS#8 DER, as the key files are.
+    let key = EncodingKey::from_ec_der(&der);
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("test-key".into());
+    (key, jwk)
+}
+
+fn token(key: &EncodingKey, iss: &str, aud: &str, exp_in: i64, repo: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("test-key".into());
+    let claims = serde_json::json!({
+        "iss": iss, "aud": aud, "sub": format!("repo:{repo}:ref:refs/heads/main"),
+        "exp": now + exp_in, "iat": now - 10,
+        "repository": repo, "ref": "refs/heads/main", "run_id": 42,
+    });
+    jsonwebtoken::encode(&h, &claims, key).unwrap()
+}
+
+async fn client(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
+    let p = socket.to_path_buf();
+    for _ in 0..500 {
+        if tokio::net::UnixStream::connect(&p).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ch = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    KeyBrokerClient::new(ch)
+}
+
+fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+#[tokio::test]
+async fn id_tokens_are_verified_and_their_claims_drive_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, jwk) = signing_key();
+    let (foreign, _) = signing_key();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
+    )
+    .unwrap();
+    let signing = dir.path().join("k.pem");
+    let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
+    std::fs::write(
+        &signing,
+        keybroker_providers::pem::encode("PRIVATE KEY", &der),
+    )
+    .unwrap();
+    let socket = dir.path().join("o.sock");
+    let cfg = dir.path().join("o.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nsocket = \"{}\"\n[[oidc]]\nissuer = \"{ISS}\"\naudience = \"keybroker\"\njwks_file = \"{}\"\n[keys.k]\nref = \"{}\"\n[[policy]]\ncallers = [\"*\"]\nkeys = [\"k\"]\nimages = [\"registry.test/acme/**\"]\nallow_raw_digest = true\nclaims = {{ repository = \"acme/*\", ref = \"refs/heads/main\" }}\n",
+            socket.display(),
+            jwks.display(),
+            signing.display()
+        ),
+    )
+    .unwrap();
+    let _d = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("KEYBROKER_SOCKET")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = client(&socket).await;
+    let raw = || SignRequest {
+        key: "k".into(),
+        digest: vec![5; 32],
+    };
+
+    let good = token(&key, ISS, "keybroker", 300, "acme/api");
+    c.sign(with_token(raw(), Some(&good)))
+        .await
+        .expect("valid token");
+    let r = c
+        .sign_image(with_token(
+            SignImageRequest {
+                key: "k".into(),
+                docker_reference: "registry.test/acme/api".into(),
+                manifest_digest: format!("sha256:{}", "cd".repeat(32)),
+                annotations: Default::default(),
+            },
+            Some(&good),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let payload: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(
+        payload["optional"]["keybroker.dev/oidc"],
+        format!("iss={ISS} sub=repo:acme/api:ref:refs/heads/main").as_str()
+    );
+
+    // A verified token whose claims the rule does not accept.
+    let other_repo = token(&key, ISS, "keybroker", 300, "evil/api");
+    let e = c
+        .sign(with_token(raw(), Some(&other_repo)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("ID token"), "{e}");
+    // No token at all.
+    let e = c.sign(with_token(raw(), None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+
+    // The keybroker CLI sends $KEYBROKER_ID_TOKEN (or the file in
+    // $KEYBROKER_ID_TOKEN_FILE): with it the key is listed, without it not.
+    let cli =
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_keybrokerd")).with_file_name("keybroker");
+    if cli.exists() {
+        let keys = |env: &[(&str, &str)]| {
+            let mut cmd = Command::new(&cli);
+            cmd.arg("--socket").arg(&socket).arg("keys");
+            cmd.env_remove("KEYBROKER_ID_TOKEN")
+                .env_remove("KEYBROKER_ID_TOKEN_FILE");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(keys(&[("KEYBROKER_ID_TOKEN", &good)]).starts_with("k\t"));
+        let file = dir.path().join("token");
+        std::fs::write(&file, format!("{good}\n")).unwrap();
+        assert!(keys(&[("KEYBROKER_ID_TOKEN_FILE", file.to_str().unwrap())]).starts_with("k\t"));
+        assert_eq!(keys(&[]), "");
+    } else if std::env::var_os("CI").is_some() {
+        panic!("{} missing: cargo build --workspace first", cli.display());
+    }
+
+    // Tokens that do not verify never reach the policy.
+    for (what, t) in [
+        (
+            "wrong audience",
+            token(&key, ISS, "someone-else", 300, "acme/api"),
+        ),
+        ("expired", token(&key, ISS, "keybroker", -3600, "acme/api")),
+        (
+            "foreign key",
+            token(&foreign, ISS, "keybroker", 300, "acme/api"),
+        ),
+        (
+            "unknown issuer",
+            token(&key, "https://evil.test", "keybroker", 300, "acme/api"),
+        ),
+        ("garbage", "not.a.jwt".to_string()),
+    ] {
+        let e = c.sign(with_token(raw(), Some(&t))).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e}");
+        assert!(
+            !e.message().contains(&t),
+            "{what}: the token is echoed: {e}"
+        );
+    }
+}
