@@ -236,24 +236,35 @@ async fn kill_9_under_load_loses_no_record_and_the_chain_continues() {
     wait_for(&socket).await;
 
     // 8 signers in a loop, bounded to 2,000 requests each; the daemon is killed
-    // after 400 ms, mid-stream.
+    // mid-stream, once 50 signatures have come back (at most 30 s: a slow CI
+    // disk makes every fsync slow).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for t in 0..8 {
         let socket = socket.clone();
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = connect(&socket).await;
             let mut got = Vec::new();
             for i in 0..2000 {
                 match c.sign_image(sign_image("app/web", t * 10_000 + i)).await {
-                    Ok(r) => got.push(sha256_hex(&r.into_inner().payload)),
+                    Ok(r) => {
+                        got.push(sha256_hex(&r.into_inner().payload));
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(_) => break,
                 }
             }
             got
         }));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    daemon.kill().unwrap(); // SIGKILL
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while done.load(std::sync::atomic::Ordering::Relaxed) < 50
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    daemon.kill().unwrap(); // SIGKILL, while the signers are still going
     daemon.wait().unwrap();
     let mut received = Vec::new();
     for t in tasks {
