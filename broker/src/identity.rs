@@ -4,6 +4,71 @@
 
 use std::fmt;
 
+/// What the kernel says about a unix-socket peer, read once when it connects:
+/// SO_PEERCRED (uid, gid, pid) and SO_PEERGROUPS (supplementary groups).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Pid, if the kernel reports it.
+    pub pid: Option<i32>,
+    /// Supplementary groups (empty where the kernel cannot tell).
+    pub groups: Vec<u32>,
+}
+
+/// Linux's SO_PEERGROUPS (asm-generic; not exported by the libc crate here).
+const SO_PEERGROUPS: libc::c_int = 59;
+
+impl PeerInfo {
+    /// Reads the peer of a connected unix stream.
+    pub fn of(stream: &tokio::net::UnixStream) -> std::io::Result<PeerInfo> {
+        use std::os::fd::AsRawFd;
+        let cred = stream.peer_cred()?;
+        let fd = stream.as_raw_fd();
+        let mut groups = vec![0 as libc::gid_t; 64];
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: fd is a live socket; buf and len describe a writable buffer.
+        let mut rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) {
+            // len now holds the size needed.
+            groups = vec![0; len as usize / std::mem::size_of::<libc::gid_t>() + 1];
+            len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+            // SAFETY: as above, with the larger buffer.
+            rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    SO_PEERGROUPS,
+                    groups.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+        }
+        if rc == -1 {
+            // Kernels before 4.13: no supplementary groups, primary gid only.
+            groups.clear();
+        } else {
+            groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+        }
+        Ok(PeerInfo {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+            groups,
+        })
+    }
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
@@ -15,6 +80,8 @@ pub enum Caller {
         gid: u32,
         /// Peer pid, when the kernel reports it.
         pid: Option<i32>,
+        /// Supplementary groups at connect time (SO_PEERGROUPS).
+        groups: Vec<u32>,
     },
     /// A remote client on the mTLS listener.
     Certificate(CertIdentity),
@@ -74,6 +141,14 @@ impl Caller {
     /// verified client certificate on the TLS listener. `None` when the
     /// transport told us nothing (the request is then refused).
     pub fn from_request<T>(req: &tonic::Request<T>) -> Option<Caller> {
+        if let Some(p) = req.extensions().get::<PeerInfo>() {
+            return Some(Caller::Unix {
+                uid: p.uid,
+                gid: p.gid,
+                pid: p.pid,
+                groups: p.groups.clone(),
+            });
+        }
         if let Some(info) = req
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
@@ -83,6 +158,7 @@ impl Caller {
                 uid: cred.uid(),
                 gid: cred.gid(),
                 pid: cred.pid(),
+                groups: Vec::new(),
             });
         }
         let certs = req.peer_certs()?;
@@ -122,9 +198,15 @@ impl Caller {
     /// The caller as an audit record field.
     pub fn audit_json(&self) -> serde_json::Value {
         match self {
-            Caller::Unix { uid, gid, pid } => serde_json::json!({
+            Caller::Unix {
+                uid,
+                gid,
+                pid,
+                groups,
+            } => serde_json::json!({
                 "uid": uid,
                 "gid": gid,
+                "groups": groups,
                 "pid": pid,
                 "exe": self.executable(),
                 "identity": self.payload_identity(),
@@ -142,7 +224,7 @@ impl Caller {
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Caller::Unix { uid, gid, pid } => {
+            Caller::Unix { uid, gid, pid, .. } => {
                 write!(f, "uid={uid} gid={gid}")?;
                 if let Some(pid) = pid {
                     write!(f, " pid={pid}")?;

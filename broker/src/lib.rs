@@ -59,13 +59,29 @@ pub async fn serve(
     max_request_bytes: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    use tokio_stream::StreamExt;
+    // Each connection carries what the kernel says about its peer (uid, gid,
+    // pid, supplementary groups), read once at accept.
+    let incoming = UnixListenerStream::new(socket).filter_map(|conn| match conn {
+        Ok(stream) => match identity::PeerInfo::of(&stream) {
+            Ok(info) => Some(Ok::<_, std::io::Error>(PeerStream { stream, info })),
+            Err(e) => {
+                tracing::warn!("peer credentials unavailable, connection dropped: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("accept: {e}");
+            None
+        }
+    });
     routes(
         tonic::transport::Server::builder(),
         state,
         max_request_bytes,
     )
     .await?
-    .serve_with_incoming_shutdown(UnixListenerStream::new(socket), shutdown)
+    .serve_with_incoming_shutdown(incoming, shutdown)
     .await
     .map_err(|e| format!("server: {e}"))
 }
@@ -179,5 +195,66 @@ pub fn harden_process() {
         };
         libc::setrlimit(libc::RLIMIT_CORE, &zero);
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+/// A unix connection and its peer's credentials (tonic puts `info` into every
+/// request's extensions, where `identity::Caller::from_request` finds it).
+struct PeerStream {
+    stream: tokio::net::UnixStream,
+    info: identity::PeerInfo,
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = identity::PeerInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }

@@ -13,7 +13,7 @@ pub enum CallerMatcher {
     Any,
     /// A uid.
     Uid(u32),
-    /// A gid (the peer's effective gid).
+    /// A gid: the peer's effective gid or one of its supplementary groups.
     Gid(u32),
     /// A client certificate with this URI SAN (e.g. a SPIFFE ID).
     X509Uri(String),
@@ -47,7 +47,10 @@ impl CallerMatcher {
         match (self, c) {
             (CallerMatcher::Any, _) => true,
             (CallerMatcher::Uid(u), Caller::Unix { uid, .. }) => uid == u,
-            (CallerMatcher::Gid(g), Caller::Unix { gid, .. }) => gid == g,
+            // The effective gid or any supplementary group, as file access works.
+            (CallerMatcher::Gid(g), Caller::Unix { gid, groups, .. }) => {
+                gid == g || groups.contains(g)
+            }
             (CallerMatcher::X509Uri(want), Caller::Certificate(id)) => {
                 id.uris.iter().any(|u| u == want)
             }
@@ -341,6 +344,7 @@ mod tests {
             uid,
             gid,
             pid: None,
+            groups: vec![],
         }
     }
 

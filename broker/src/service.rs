@@ -149,6 +149,38 @@ impl State {
     }
 }
 
+/// The checks of a SignImage request that need no policy: reference, digest,
+/// annotation count, sizes and the reserved `keybroker.dev/` prefix.
+fn validate_sign_image(
+    docker_reference: &str,
+    manifest_digest: &str,
+    raw: std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, Status> {
+    payload::validate_docker_reference(docker_reference).map_err(Status::invalid_argument)?;
+    payload::validate_manifest_digest(manifest_digest).map_err(Status::invalid_argument)?;
+    if raw.len() > MAX_ANNOTATIONS {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_ANNOTATIONS} annotations"
+        )));
+    }
+    let mut annotations = BTreeMap::new();
+    for (k, v) in raw {
+        if k.is_empty() || k.len() + v.len() > MAX_ANNOTATION_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "annotation {k:?}: empty key or over {MAX_ANNOTATION_BYTES} bytes"
+            )));
+        }
+        if k.starts_with(payload::RESERVED_PREFIX) {
+            return Err(Status::invalid_argument(format!(
+                "annotation {k:?}: keys under {} are set by the broker, not by callers",
+                payload::RESERVED_PREFIX
+            )));
+        }
+        annotations.insert(k, v);
+    }
+    Ok(annotations)
+}
+
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     Caller::from_request(req)
         .ok_or_else(|| Status::unauthenticated("caller identity unavailable (no peer credentials)"))
@@ -220,29 +252,14 @@ impl KeyBroker for BrokerService {
             Ok(e) => e,
             Err(s) => return Err(audit.refuse("denied", s).await),
         };
-        payload::validate_docker_reference(&r.docker_reference)
-            .map_err(Status::invalid_argument)?;
-        payload::validate_manifest_digest(&r.manifest_digest).map_err(Status::invalid_argument)?;
-        if r.annotations.len() > MAX_ANNOTATIONS {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_ANNOTATIONS} annotations"
-            )));
-        }
-        let mut annotations = BTreeMap::new();
-        for (k, v) in r.annotations {
-            if k.is_empty() || k.len() + v.len() > MAX_ANNOTATION_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "annotation {k:?}: empty key or over {MAX_ANNOTATION_BYTES} bytes"
-                )));
-            }
-            if k.starts_with(payload::RESERVED_PREFIX) {
-                return Err(Status::invalid_argument(format!(
-                    "annotation {k:?}: keys under {} are set by the broker, not by callers",
-                    payload::RESERVED_PREFIX
-                )));
-            }
-            annotations.insert(k, v);
-        }
+        // A malformed request is refused before the policy, but still recorded
+        // (a forged keybroker.dev/* annotation is worth an audit line).
+        let annotations =
+            match validate_sign_image(&r.docker_reference, &r.manifest_digest, r.annotations) {
+                Ok(a) => a,
+                Err(s) => return Err(audit.refuse("invalid", s).await),
+            };
+        let mut annotations = annotations;
         audit.set("annotations", serde_json::json!(annotations));
         if let Err(d) = state.policy.check_with_token(
             &caller,
@@ -306,8 +323,10 @@ impl KeyBroker for BrokerService {
             Ok(e) => e,
             Err(s) => return Err(audit.refuse("denied", s).await),
         };
-        let digest =
-            Sha256Digest::try_from(r.digest.as_slice()).map_err(|e| status::from_provider(&e))?;
+        let digest = match Sha256Digest::try_from(r.digest.as_slice()) {
+            Ok(d) => d,
+            Err(e) => return Err(audit.refuse("invalid", status::from_provider(&e)).await),
+        };
         audit.set(
             "digest",
             format!("sha256:{}", hex::encode(digest.as_bytes())),

@@ -1131,3 +1131,70 @@ async fn keybroker_keys_lists_each_users_own_keys() {
     let (me, _) = keys(Command::new(&cli));
     assert_eq!(me, ["b"], "keys as uid {}", euid());
 }
+
+/// `gid:N` rules admit members of N through their supplementary groups (read
+/// with SO_PEERGROUPS at connect), as file permissions on the socket would.
+#[tokio::test]
+async fn supplementary_groups_count_for_gid_rules() {
+    if !other_users_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copies = tempfile::tempdir().unwrap();
+    let d = multi_user_daemon(dir.path()).await;
+    let me = std::env::current_exe().unwrap();
+    let exe = runnable_by_nobody(&me, "--list", copies.path());
+    // A stranger whose primary group is its own, but who is in nobody's group.
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={STRANGER}"))
+        .arg(format!("--regid={STRANGER}"))
+        .arg(format!("--groups={NOBODY}"))
+        .arg("--")
+        .arg(&exe)
+        .args([
+            "--exact",
+            "other_user_client",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("KEYBROKER_SOCKET")
+        .env(CLIENT_ENV, &d.socket);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: BTreeMap<String, String> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap_or((l, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    assert_eq!(got.get("list").map(String::as_str), Some("c"), "{stdout}");
+    assert_eq!(
+        got.get("image:c").map(String::as_str),
+        Some("ok"),
+        "{stdout}"
+    );
+    assert_eq!(
+        got.get("sign:a").map(String::as_str),
+        Some("Key"),
+        "{stdout}"
+    );
+    // The audit record lists the groups the kernel reported.
+    let last: Value = serde_json::from_str(audit_lines(&d.audit).last().unwrap()).unwrap();
+    assert_eq!(last["caller"]["uid"], STRANGER);
+    assert!(
+        last["caller"]["groups"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from(NOBODY)),
+        "{last}"
+    );
+}
