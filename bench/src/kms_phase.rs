@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignRequest};
+use keybroker_proto::v1::SignRequest;
 use keybroker_providers::{aws_kms::AwsKmsKey, KeyProvider, Sha256Digest};
 use tonic::transport::Channel;
 
@@ -60,7 +60,7 @@ pub async fn run(kms: &Kms, channels: Arc<Vec<Channel>>) -> Result<(), BoxError>
         );
         let ch = channels.clone();
         let brokered = closed_loop(in_flight, move |i| {
-            let mut c = KeyBrokerClient::new(ch[i % CONNECTIONS].clone());
+            let mut c = keybroker_proto::client(ch[i % CONNECTIONS].clone());
             async move {
                 let d = Sha256Digest::of(&(i as u64).to_le_bytes());
                 c.sign(SignRequest {

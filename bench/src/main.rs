@@ -15,7 +15,7 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignRequest};
+use keybroker_proto::v1::SignRequest;
 use keybroker_providers::{pem, P256Signer, Sha256Digest};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
@@ -292,7 +292,7 @@ async fn main() -> Result<(), BoxError> {
     for in_flight in [1usize, 8, 64] {
         let ch = channels.clone();
         let l = closed_loop(in_flight, move |i| {
-            let mut c = KeyBrokerClient::new(ch[i % CONNECTIONS].clone());
+            let mut c = keybroker_proto::client(ch[i % CONNECTIONS].clone());
             async move {
                 let digest = Sha256Digest::of(&(i as u64).to_le_bytes());
                 c.sign(SignRequest {

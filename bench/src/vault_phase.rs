@@ -5,7 +5,7 @@
 use std::{path::Path, sync::Arc};
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignRequest};
+use keybroker_proto::v1::SignRequest;
 use keybroker_providers::Sha256Digest;
 use tonic::transport::Channel;
 
@@ -94,7 +94,7 @@ pub async fn run(bao: &Bao, channels: Arc<Vec<Channel>>, audit_dir: &Path) -> Re
         );
         let ch = channels.clone();
         let brokered = closed_loop(in_flight, move |i| {
-            let mut c = KeyBrokerClient::new(ch[i % CONNECTIONS].clone());
+            let mut c = keybroker_proto::client(ch[i % CONNECTIONS].clone());
             async move {
                 let d = Sha256Digest::of(&(i as u64).to_le_bytes());
                 c.sign(SignRequest {
@@ -136,7 +136,7 @@ pub async fn run(bao: &Bao, channels: Arc<Vec<Channel>>, audit_dir: &Path) -> Re
         return Ok(());
     }
     const N: usize = 200;
-    let mut c = KeyBrokerClient::new(channels[0].clone());
+    let mut c = keybroker_proto::client(channels[0].clone());
     for i in 0..N {
         let d = Sha256Digest::of(&(i as u64).to_be_bytes());
         c.sign(SignRequest {

@@ -181,7 +181,22 @@ fn validate_sign_image(
     Ok(annotations)
 }
 
+/// Refuses a call without `keybroker-request: true` (see keybroker_proto::REQUEST_HEADER).
+fn require_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get(keybroker_proto::REQUEST_HEADER) {
+        Some(v) if v == keybroker_proto::REQUEST_HEADER_VALUE => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "missing the \"{}: {}\" request header (keybroker clients send it; with grpcurl add -H '{}: {}')",
+            keybroker_proto::REQUEST_HEADER,
+            keybroker_proto::REQUEST_HEADER_VALUE,
+            keybroker_proto::REQUEST_HEADER,
+            keybroker_proto::REQUEST_HEADER_VALUE
+        ))),
+    }
+}
+
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    require_header(req)?;
     Caller::from_request(req)
         .ok_or_else(|| Status::unauthenticated("caller identity unavailable (no peer credentials)"))
 }
@@ -363,6 +378,7 @@ impl KeyBroker for BrokerService {
         req: Request<PublicKeyRequest>,
     ) -> Result<Response<PublicKeyResponse>, Status> {
         // Public keys are public: any caller who can reach the socket may read them.
+        require_header(&req)?;
         let state = self.state.load_full();
         let entry = state.key(&req.get_ref().key)?;
         let public = entry

@@ -9,10 +9,7 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use keybroker_proto::v1::{
-    key_broker_client::KeyBrokerClient, ListKeysRequest, PublicKeyRequest, SignImageRequest,
-    SignRequest,
-};
+use keybroker_proto::v1::{ListKeysRequest, PublicKeyRequest, SignImageRequest, SignRequest};
 use keybroker_providers::{ecdsa::verify_digest, Sha256Digest};
 use tonic::{transport::Endpoint, Code};
 
@@ -57,8 +54,8 @@ async fn wait_for_socket(socket: &Path) {
     }
 }
 
-async fn client(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
-    KeyBrokerClient::new(channel_of(socket).await)
+async fn client(socket: &Path) -> keybroker_proto::Client {
+    keybroker_proto::client(channel_of(socket).await)
 }
 
 fn mode(p: &Path) -> u32 {
@@ -468,5 +465,47 @@ async fn metrics_count_decisions_and_backend_latency() {
     assert!(
         text.contains("keybroker_backend_sign_seconds_count{key=\"k\",result=\"ok\"} 2"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn calls_without_the_request_header_are_refused_but_health_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &[]);
+    wait_for_socket(&d.socket).await;
+    // A plain gRPC client that does not send `keybroker-request: true`.
+    let mut bare =
+        keybroker_proto::v1::key_broker_client::KeyBrokerClient::new(channel_of(&d.socket).await);
+    let e = bare
+        .sign(SignRequest {
+            key: "dev".into(),
+            digest: vec![1; 32],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("keybroker-request"), "{e}");
+    let e = bare
+        .public_key(PublicKeyRequest { key: "dev".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    // The same call with the header goes through; health never needs it.
+    client(&d.socket)
+        .await
+        .public_key(PublicKeyRequest { key: "dev".into() })
+        .await
+        .expect("with the header");
+    let status = tonic_health::pb::health_client::HealthClient::new(channel_of(&d.socket).await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }

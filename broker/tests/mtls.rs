@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignImageRequest, SignRequest};
+use keybroker_proto::v1::{SignImageRequest, SignRequest};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
 };
@@ -118,7 +118,7 @@ async fn tls_channel(
 /// not (the handshake or the first request fails).
 async fn sign(channel: Result<Channel, String>) -> Result<(), tonic::Status> {
     let ch = channel.map_err(tonic::Status::unavailable)?;
-    KeyBrokerClient::new(ch)
+    keybroker_proto::client(ch)
         .sign(SignRequest {
             key: "k".into(),
             digest: vec![9; 32],
@@ -172,7 +172,7 @@ async fn mtls_identity_policy_and_refusals() {
     // The builder's certificate: signs, and is who the payload and audit name.
     let ch = tls_channel(port, &ours.pem, Some(&builder)).await.unwrap();
     sign(Ok(ch.clone())).await.expect("builder may sign");
-    let r = KeyBrokerClient::new(ch)
+    let r = keybroker_proto::client(ch)
         .sign_image(SignImageRequest {
             key: "k".into(),
             docker_reference: "registry.test/app/web".into(),

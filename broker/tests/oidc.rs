@@ -12,7 +12,7 @@ use std::{
 
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{jwk::JwkSet, Algorithm, EncodingKey, Header};
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignImageRequest, SignRequest};
+use keybroker_proto::v1::{SignImageRequest, SignRequest};
 use tonic::{transport::Endpoint, Code, Request};
 
 const ISS: &str = "https://token.actions.test";
@@ -50,7 +50,7 @@ fn token(key: &EncodingKey, iss: &str, aud: &str, exp_in: i64, repo: &str) -> St
     jsonwebtoken::encode(&h, &claims, key).unwrap()
 }
 
-async fn client(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
+async fn client(socket: &Path) -> keybroker_proto::Client {
     let p = socket.to_path_buf();
     for _ in 0..500 {
         if tokio::net::UnixStream::connect(&p).await.is_ok() {
@@ -67,7 +67,7 @@ async fn client(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
         }))
         .await
         .unwrap();
-    KeyBrokerClient::new(ch)
+    keybroker_proto::client(ch)
 }
 
 fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {

@@ -18,16 +18,11 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use keybroker_proto::v1::{
-    key_broker_client::KeyBrokerClient, ListKeysRequest, SignImageRequest, SignRequest,
-};
+use keybroker_proto::v1::{ListKeysRequest, SignImageRequest, SignRequest};
 use keybroker_providers::{ecdsa::verify_digest, Sha256Digest};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tonic::{
-    transport::{Channel, Endpoint},
-    Code, Status,
-};
+use tonic::{transport::Endpoint, Code, Status};
 
 // ---------------------------------------------------------------------------
 // The daemon
@@ -112,7 +107,7 @@ async fn start(dir: &Path, config: &str) -> Daemon {
     d
 }
 
-async fn client(socket: &Path) -> KeyBrokerClient<Channel> {
+async fn client(socket: &Path) -> keybroker_proto::Client {
     let socket = socket.to_path_buf();
     let channel = Endpoint::from_static("http://keybrokerd.invalid")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -121,7 +116,7 @@ async fn client(socket: &Path) -> KeyBrokerClient<Channel> {
         }))
         .await
         .expect("connect to keybrokerd");
-    KeyBrokerClient::new(channel)
+    keybroker_proto::client(channel)
 }
 
 fn audit_lines(path: &Path) -> Vec<String> {
@@ -250,7 +245,7 @@ const MANIFEST_DIGEST: &str =
 
 /// Makes the call; on success checks the signature (and the payload's
 /// authenticated caller) and returns nothing, else the status.
-async fn perform(c: &mut KeyBrokerClient<Channel>, call: Call) -> Result<(), Status> {
+async fn perform(c: &mut keybroker_proto::Client, call: Call) -> Result<(), Status> {
     let caller = format!("unix:uid={},gid={}", euid(), egid());
     match call {
         Call::Raw { key } => {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, ListKeysRequest, SignRequest};
+use keybroker_proto::v1::{ListKeysRequest, SignRequest};
 use keybroker_providers::{ecdsa::verify_digest, Sha256Digest};
 use tonic::transport::Endpoint;
 
@@ -43,7 +43,7 @@ async fn next_notification(sock: &tokio::net::UnixDatagram) -> String {
     String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
 }
 
-async fn aliases(c: &mut KeyBrokerClient<tonic::transport::Channel>) -> Vec<String> {
+async fn aliases(c: &mut keybroker_proto::Client) -> Vec<String> {
     c.list_keys(ListKeysRequest {})
         .await
         .unwrap()
@@ -123,7 +123,7 @@ async fn socket_activation_readiness_and_sighup_reload() {
         }))
         .await
         .expect("connect to the activated socket");
-    let mut c = KeyBrokerClient::new(channel);
+    let mut c = keybroker_proto::client(channel);
     let sign = |key: &str, d: &Sha256Digest| SignRequest {
         key: key.into(),
         digest: d.as_bytes().to_vec(),

@@ -123,7 +123,8 @@ impl IdToken {
 }
 
 impl tonic::service::Interceptor for IdToken {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut req = keybroker_proto::RequestHeader.call(req)?;
         if let Some(v) = &self.0 {
             req.metadata_mut().insert("authorization", v.clone());
         }

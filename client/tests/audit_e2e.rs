@@ -14,7 +14,7 @@ use std::{
 
 use common::*;
 use hyper_util::rt::TokioIo;
-use keybroker_proto::v1::{key_broker_client::KeyBrokerClient, SignImageRequest, SignRequest};
+use keybroker_proto::v1::{SignImageRequest, SignRequest};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tonic::{transport::Endpoint, Code};
@@ -34,7 +34,7 @@ fn config(key: &TestKey, audit: &Path, socket: Option<&Path>) -> String {
     )
 }
 
-async fn connect(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
+async fn connect(socket: &Path) -> keybroker_proto::Client {
     let path = socket.to_path_buf();
     let ch = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -45,7 +45,7 @@ async fn connect(socket: &Path) -> KeyBrokerClient<tonic::transport::Channel> {
         }))
         .await
         .expect("connect");
-    KeyBrokerClient::new(ch)
+    keybroker_proto::client(ch)
 }
 
 fn sign_image(repo: &str, n: usize) -> SignImageRequest {

@@ -12,6 +12,37 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("keybroker_descriptor");
 }
 
+/// Metadata every KeyBroker call must carry (`keybroker-request: true`), like
+/// SPIFFE's Workload API header: a confused HTTP client (SSRF) cannot add it,
+/// so it cannot be turned into a signer. The health service does not need it.
+pub const REQUEST_HEADER: &str = "keybroker-request";
+/// The only accepted value of [`REQUEST_HEADER`].
+pub const REQUEST_HEADER_VALUE: &str = "true";
+
+/// Adds [`REQUEST_HEADER`] to every request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestHeader;
+
+impl tonic::service::Interceptor for RequestHeader {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(
+            REQUEST_HEADER,
+            tonic::metadata::MetadataValue::from_static(REQUEST_HEADER_VALUE),
+        );
+        Ok(req)
+    }
+}
+
+/// A KeyBroker client that sends [`REQUEST_HEADER`].
+pub type Client = v1::key_broker_client::KeyBrokerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, RequestHeader>,
+>;
+
+/// Wraps a connected channel into a [`Client`].
+pub fn client(channel: tonic::transport::Channel) -> Client {
+    v1::key_broker_client::KeyBrokerClient::with_interceptor(channel, RequestHeader)
+}
+
 /// Environment variable naming the daemon's socket (as `SSH_AUTH_SOCK` does for ssh-agent).
 pub const SOCKET_ENV: &str = "KEYBROKER_SOCKET";
 

@@ -133,9 +133,24 @@ pub async fn append_signature(
             payload_pushed = true;
         }
         registry.push_blob(img, &config).await?;
-        registry
+        match registry
             .put_manifest(img, &tag, &manifest(&config, &new_layers), OCI_MANIFEST)
-            .await?;
+            .await
+        {
+            Ok(_) => {}
+            // Distribution 2.8 (filesystem storage) sometimes loses a blob that
+            // concurrent uploads to the same repository just linked, and
+            // refuses the manifest. Nothing was written: push both blobs again.
+            Err(e) if e.to_string().contains("MANIFEST_BLOB_UNKNOWN") => {
+                warn_blob_lost(&tag);
+                payload_pushed = false;
+                tokio::time::sleep(settle_delay(read_at.elapsed())).await;
+                read_at = Instant::now();
+                layers = existing_layers(registry, img, &tag).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         tokio::time::sleep(settle_delay(read_at.elapsed())).await;
         read_at = Instant::now();
         layers = existing_layers(registry, img, &tag).await?;
@@ -147,6 +162,10 @@ pub async fn append_signature(
         registry: img.registry.clone(),
         reason: format!("{tag}: concurrent writers replaced our signature {MAX_ATTEMPTS} times; giving up (nothing half-written)"),
     })
+}
+
+fn warn_blob_lost(tag: &str) {
+    eprintln!("keybroker: {tag}: the registry lost a just-uploaded blob; uploading again");
 }
 
 fn settle_delay(window: Duration) -> Duration {
