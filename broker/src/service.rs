@@ -4,8 +4,9 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use keybroker_proto::v1::{
-    key_broker_server::KeyBroker, KeyInfo, ListKeysRequest, ListKeysResponse, PublicKeyRequest,
-    PublicKeyResponse, SignImageRequest, SignImageResponse, SignRequest, SignResponse,
+    key_broker_server::KeyBroker, AttestImageRequest, AttestImageResponse, KeyInfo,
+    ListKeysRequest, ListKeysResponse, PublicKeyRequest, PublicKeyResponse, SignImageRequest,
+    SignImageResponse, SignMessageRequest, SignMessageResponse, SignRequest, SignResponse,
 };
 use keybroker_providers::{PublicKey, Sha256Digest, ALGORITHM};
 use tonic::{Request, Response, Status};
@@ -412,5 +413,19 @@ impl KeyBroker for BrokerService {
             })
             .collect();
         Ok(Response::new(ListKeysResponse { keys }))
+    }
+
+    async fn sign_message(
+        &self,
+        _req: Request<SignMessageRequest>,
+    ) -> Result<Response<SignMessageResponse>, Status> {
+        Err(Status::unimplemented("SignMessage is not built yet"))
+    }
+
+    async fn attest_image(
+        &self,
+        _req: Request<AttestImageRequest>,
+    ) -> Result<Response<AttestImageResponse>, Status> {
+        Err(Status::unimplemented("AttestImage is not built yet"))
     }
 }
