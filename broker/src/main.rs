@@ -137,6 +137,7 @@ async fn run(
     let mut first = build_state(&cfg, keys::Startup::Lenient).await?;
     first.audit = audit;
     let state = keybroker_broker::shared(first);
+    prefetch_jwks(&state);
     let (listener, _guard, shown) = match inherited {
         // systemd owns the socket file (mode, group, removal): keybroker.socket.
         Some(std_listener) => (
@@ -202,6 +203,7 @@ async fn run(
     if let Some(l) = metrics {
         tokio::spawn(keybroker_broker::metrics::serve(
             l,
+            state.clone(),
             stopped(stop_rx.clone()),
         ));
     }
@@ -308,6 +310,7 @@ async fn reload_on_sighup(
                     "SIGHUP: config reloaded"
                 );
                 state.store(Arc::new(new_state));
+                prefetch_jwks(&state);
                 running = new_cfg;
             }
             Err(e) => tracing::error!("SIGHUP: new config rejected, keeping the running one: {e}"),
@@ -365,4 +368,13 @@ fn write_dev_key(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("creating {}: {e}", path.display()))?;
     f.write_all(text.as_bytes())
         .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Fetches the `jwks_url` of every `[[oidc]]` issuer in the background, so the
+/// first token does not wait for it (a failure is retried on first use).
+fn prefetch_jwks(state: &keybroker_broker::SharedState) {
+    let current = state.load_full();
+    if !current.oidc.is_empty() {
+        tokio::spawn(async move { current.oidc.prefetch().await });
+    }
 }

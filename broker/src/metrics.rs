@@ -116,9 +116,32 @@ pub fn render() -> String {
     out
 }
 
+/// The public-key cache counters of every key in `state` (read at scrape time
+/// from the providers, so they cost the signing path nothing). A reload builds
+/// new providers, so these counters restart from zero then, as Prometheus
+/// counters may.
+pub fn render_public_key_cache(state: &crate::service::State) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP keybroker_public_key_cache_total Public-key lookups answered from the cache (hit) or by the backend (miss).\n");
+    out.push_str("# TYPE keybroker_public_key_cache_total counter\n");
+    for (alias, entry) in &state.keys {
+        if let Some(stats) = entry.provider.public_key_cache() {
+            for (result, n) in [("hit", stats.hits), ("miss", stats.misses)] {
+                let _ = writeln!(
+                    out,
+                    "keybroker_public_key_cache_total{{key=\"{}\",result=\"{result}\"}} {n}",
+                    escape(alias)
+                );
+            }
+        }
+    }
+    out
+}
+
 /// Serves `GET /metrics` (HTTP/1.x, one request per connection) until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    state: crate::SharedState,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     tokio::pin!(shutdown);
@@ -133,6 +156,7 @@ pub async fn serve(
                 }
             },
         };
+        let state = state.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             // One small read is enough for a scraper's request line; a slow or
@@ -143,7 +167,9 @@ pub async fn serve(
             };
             let head = String::from_utf8_lossy(&buf[..n]);
             let (status, body, ctype) = if head.starts_with("GET /metrics ") {
-                ("200 OK", render(), "text/plain; version=0.0.4")
+                let mut body = render();
+                body.push_str(&render_public_key_cache(&state.load()));
+                ("200 OK", body, "text/plain; version=0.0.4")
             } else {
                 (
                     "404 Not Found",

@@ -204,7 +204,10 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 
 /// The verified ID token of a request (`authorization: Bearer …`), if it sent
 /// one. A token that does not verify is an error, never "no token".
-fn id_token<T>(state: &State, req: &Request<T>) -> Result<Option<crate::oidc::Token>, Status> {
+async fn id_token<T>(
+    state: &State,
+    req: &Request<T>,
+) -> Result<Option<crate::oidc::Token>, Status> {
     let Some(v) = req.metadata().get("authorization") else {
         return Ok(None);
     };
@@ -214,11 +217,11 @@ fn id_token<T>(state: &State, req: &Request<T>) -> Result<Option<crate::oidc::To
     let token = v
         .strip_prefix("Bearer ")
         .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer ID-TOKEN\""))?;
-    state
-        .oidc
-        .verify(token.trim())
-        .map(Some)
-        .map_err(Status::unauthenticated)
+    match state.oidc.verify(token.trim()).await {
+        Ok(t) => Ok(Some(t)),
+        Err(crate::oidc::TokenError::Invalid(m)) => Err(Status::unauthenticated(m)),
+        Err(crate::oidc::TokenError::Unavailable(m)) => Err(Status::unavailable(m)),
+    }
 }
 
 fn key_info(entry: &KeyEntry, public: PublicKey) -> KeyInfo {
@@ -253,7 +256,7 @@ impl KeyBroker for BrokerService {
     ) -> Result<Response<SignImageResponse>, Status> {
         let caller = caller(&req)?;
         let state = self.state.load_full();
-        let token = id_token(&state, &req)?;
+        let token = id_token(&state, &req).await?;
         let r = req.into_inner();
         let mut audit = Audit::new(&state, "SignImage", &caller, &r.key);
         if let Some(t) = &token {
@@ -326,7 +329,7 @@ impl KeyBroker for BrokerService {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let caller = caller(&req)?;
         let state = self.state.load_full();
-        let token = id_token(&state, &req)?;
+        let token = id_token(&state, &req).await?;
         let r = req.into_inner();
         let mut audit = Audit::new(&state, "Sign", &caller, &r.key);
         if let Some(t) = &token {
@@ -397,7 +400,7 @@ impl KeyBroker for BrokerService {
     ) -> Result<Response<ListKeysResponse>, Status> {
         let caller = caller(&req)?;
         let state = self.state.load_full();
-        let token = id_token(&state, &req)?;
+        let token = id_token(&state, &req).await?;
         let keys = state
             .keys
             .values()

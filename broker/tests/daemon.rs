@@ -509,3 +509,93 @@ async fn calls_without_the_request_header_are_refused_but_health_is_not() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+#[tokio::test]
+async fn metrics_count_public_key_cache_hits_of_a_remote_key() {
+    let (Some(bao), Some(bao_token)) = (
+        test_env("KEYBROKER_TEST_VAULT_ADDR"),
+        test_env("KEYBROKER_TEST_VAULT_TOKEN"),
+    ) else {
+        return;
+    };
+    let name = format!("cache-metric-{}", std::process::id());
+    let created = Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+        .args(["--create-key", &format!("openbao://{name}")])
+        .env("VAULT_ADDR", &bao)
+        .env("VAULT_TOKEN", &bao_token)
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &bao_token).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let socket = dir.path().join("c.sock");
+    let config = dir.path().join("c.toml");
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsocket = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\
+             [keys.v]\nref = \"openbao://{name}\"\n[keys.v.vault]\naddress = \"{bao}\"\ntoken_file = \"{}\"\n\
+             [keys.f]\nref = \"env://KEYBROKER_UNUSED_KEY\"\n\
+             [[policy]]\ncallers = [\"uid:{uid}\"]\nkeys = [\"v\"]\nimages = [\"**\"]\n",
+            socket.display(),
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
+    let pem = keybroker_providers::pem::encode("PRIVATE KEY", &der);
+    let child = Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("KEYBROKER_UNUSED_KEY", pem.as_str())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child,
+        socket: socket.clone(),
+    };
+    wait_for_socket(&d.socket).await;
+    let mut c = client(&d.socket).await;
+    for _ in 0..3 {
+        c.public_key(PublicKeyRequest { key: "v".into() })
+            .await
+            .unwrap();
+    }
+    let text = scrape(port).await;
+    // The start-up read is the one miss; the three PublicKey calls are hits.
+    assert!(
+        text.contains("keybroker_public_key_cache_total{key=\"v\",result=\"miss\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keybroker_public_key_cache_total{key=\"v\",result=\"hit\"} 3"),
+        "{text}"
+    );
+    // A local key has no cache in front of it, so no series.
+    assert!(!text.contains("key=\"f\",result=\"hit\""), "{text}");
+}

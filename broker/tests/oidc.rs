@@ -214,3 +214,201 @@ async fn id_tokens_are_verified_and_their_claims_drive_policy() {
         );
     }
 }
+
+fn signing_key_with_kid(kid: &str) -> (EncodingKey, jsonwebtoken::jwk::Jwk) {
+    let (key, mut jwk) = signing_key();
+    jwk.common.key_id = Some(kid.into());
+    (key, jwk)
+}
+
+fn token_with_kid(key: &EncodingKey, kid: &str, iss: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid.into());
+    let claims = serde_json::json!({
+        "iss": iss, "aud": "keybroker", "sub": "system:serviceaccount:ci:builder",
+        "exp": now + 300, "iat": now - 10,
+    });
+    jsonwebtoken::encode(&h, &claims, key).unwrap()
+}
+
+/// A JWKS endpoint on loopback: serves whatever `body` holds, counts requests.
+async fn jwks_server(
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = l.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let b = body.lock().unwrap().clone();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                    b.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn jwks_from_a_url_is_cached_and_refetched_when_the_issuer_rotates() {
+    use std::sync::{atomic::Ordering, Arc, Mutex};
+    const K8S: &str = "https://kubernetes.default.svc.test";
+    const DEAD: &str = "https://dead-issuer.test";
+    let (key_a, jwk_a) = signing_key_with_kid("a");
+    let (key_b, jwk_b) = signing_key_with_kid("b");
+    let set = |jwk: &jsonwebtoken::jwk::Jwk| {
+        serde_json::to_string(&JwkSet {
+            keys: vec![jwk.clone()],
+        })
+        .unwrap()
+    };
+    let body = Arc::new(Mutex::new(set(&jwk_a)));
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let port = jwks_server(body.clone(), hits.clone()).await;
+    // A port nothing listens on: the dead issuer's JWKS cannot be had.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+
+    let dir = tempfile::tempdir().unwrap();
+    let signing = dir.path().join("k.pem");
+    let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
+    std::fs::write(
+        &signing,
+        keybroker_providers::pem::encode("PRIVATE KEY", &der),
+    )
+    .unwrap();
+    let socket = dir.path().join("u.sock");
+    let cfg = dir.path().join("u.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nsocket = \"{}\"\n\
+             [[oidc]]\nissuer = \"{K8S}\"\naudience = \"keybroker\"\njwks_url = \"http://127.0.0.1:{port}/openid/v1/jwks\"\n\
+             [[oidc]]\nissuer = \"{DEAD}\"\naudience = \"keybroker\"\njwks_url = \"http://127.0.0.1:{dead_port}/jwks\"\n\
+             [keys.k]\nref = \"{}\"\n[[policy]]\ncallers = [\"*\"]\nkeys = [\"k\"]\nimages = [\"**\"]\nallow_raw_digest = true\n\
+             claims = {{ sub = \"system:serviceaccount:ci:*\" }}\n",
+            socket.display(),
+            signing.display()
+        ),
+    )
+    .unwrap();
+    let _d = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("KEYBROKER_SOCKET")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = client(&socket).await;
+    let raw = || SignRequest {
+        key: "k".into(),
+        digest: vec![5; 32],
+    };
+
+    let with_a = token_with_kid(&key_a, "a", K8S);
+    for _ in 0..3 {
+        c.sign(with_token(raw(), Some(&with_a)))
+            .await
+            .expect("a token signed by the key the JWKS URL serves");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the JWKS is fetched once");
+
+    // The issuer rotates to key b: the first token naming kid "b" makes the
+    // broker fetch again, and key a stops being trusted.
+    *body.lock().unwrap() = set(&jwk_b);
+    let with_b = token_with_kid(&key_b, "b", K8S);
+    c.sign(with_token(raw(), Some(&with_b)))
+        .await
+        .expect("a token signed by the rotated-in key");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    let e = c.sign(with_token(raw(), Some(&with_a))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+
+    // Made-up key ids cannot make the broker fetch again and again.
+    let (key_x, _) = signing_key_with_kid("x");
+    for n in 0..5 {
+        let t = token_with_kid(&key_x, &format!("made-up-{n}"), K8S);
+        let e = c.sign(with_token(raw(), Some(&t))).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        assert!(e.message().contains("no key of"), "{e}");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "unknown kids re-fetch at most once per 30 s"
+    );
+
+    // An issuer whose keys cannot be fetched: UNAVAILABLE (try again), not a
+    // verdict on the token.
+    let dead = token_with_kid(&key_a, "a", DEAD);
+    let e = c.sign(with_token(raw(), Some(&dead))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("not available"), "{e}");
+}
+
+#[test]
+fn jwks_url_must_be_https_unless_loopback_and_one_source_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |oidc: &str| {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nsocket = \"{}\"\n[[oidc]]\nissuer = \"{ISS}\"\naudience = \"keybroker\"\n{oidc}\n",
+                dir.path().join("s.sock").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_keybrokerd"))
+            .arg("--check-config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = check("jwks_url = \"http://issuer.example/jwks\"");
+    assert!(!ok && err.contains("must be https://"), "{err}");
+    let (ok, err) = check("jwks_url = \"https://issuer.example/jwks\"\njwks_file = \"/x\"");
+    assert!(
+        !ok && err.contains("exactly one of jwks_file and jwks_url"),
+        "{err}"
+    );
+    let (ok, err) = check("");
+    assert!(
+        !ok && err.contains("exactly one of jwks_file and jwks_url"),
+        "{err}"
+    );
+    let (ok, err) = check("jwks_url = \"https://issuer.example/jwks\"");
+    assert!(ok, "{err}");
+}

@@ -106,6 +106,15 @@ pub struct PublicKey {
     pub key_version: String,
 }
 
+/// Counters of a public-key cache (what `keybrokerd`'s metrics report).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Answered from the cache.
+    pub hits: u64,
+    /// Had to ask the backend (first use, expired, or dropped after a rotation).
+    pub misses: u64,
+}
+
 /// What a provider can do, so callers can explain instead of failing obscurely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -126,6 +135,11 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     async fn sign_digest(&self, digest: &Sha256Digest) -> Result<Signature>;
     /// The public key (PEM SPKI).
     async fn public_key(&self) -> Result<PublicKey>;
+    /// Counters of the public-key cache in front of this provider, if it has one
+    /// (wrappers forward their inner provider's).
+    fn public_key_cache(&self) -> Option<CacheStats> {
+        None
+    }
 }
 
 /// How to open a key: secrets the reference itself does not carry.

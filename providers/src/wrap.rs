@@ -4,13 +4,18 @@
 
 use std::{
     fmt,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use rand_core::{OsRng, RngCore};
 
-use crate::{Capabilities, Error, KeyProvider, PublicKey, Result, Sha256Digest, Signature};
+use crate::{
+    CacheStats, Capabilities, Error, KeyProvider, PublicKey, Result, Sha256Digest, Signature,
+};
 
 /// How hard to retry a backend that is throttling us or briefly down.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +110,9 @@ impl KeyProvider for Retrying {
     async fn public_key(&self) -> Result<PublicKey> {
         self.run(|| self.inner.public_key()).await
     }
+    fn public_key_cache(&self) -> Option<CacheStats> {
+        self.inner.public_key_cache()
+    }
 }
 
 /// Caches the public key for `ttl`. Concurrent callers wait on one fetch
@@ -113,6 +121,8 @@ pub struct CachedPublicKey {
     inner: Arc<dyn KeyProvider>,
     ttl: Duration,
     cached: tokio::sync::Mutex<Option<(Instant, PublicKey)>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl CachedPublicKey {
@@ -122,6 +132,8 @@ impl CachedPublicKey {
             inner,
             ttl,
             cached: tokio::sync::Mutex::new(None),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 }
@@ -160,12 +172,20 @@ impl KeyProvider for CachedPublicKey {
         let mut cached = self.cached.lock().await;
         if let Some((at, pk)) = cached.as_ref() {
             if at.elapsed() < self.ttl {
+                self.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(pk.clone());
             }
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let fresh = self.inner.public_key().await?;
         *cached = Some((Instant::now(), fresh.clone()));
         Ok(fresh)
+    }
+    fn public_key_cache(&self) -> Option<CacheStats> {
+        Some(CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        })
     }
 }
 
@@ -215,6 +235,9 @@ impl KeyProvider for StaticPublicKey {
     }
     async fn public_key(&self) -> Result<PublicKey> {
         Ok(self.public.clone())
+    }
+    fn public_key_cache(&self) -> Option<CacheStats> {
+        self.inner.public_key_cache()
     }
 }
 
@@ -336,5 +359,17 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap(), "pem");
         }
         assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            cache.public_key_cache(),
+            Some(CacheStats {
+                hits: 15,
+                misses: 1
+            })
+        );
+        // Wrappers report the cache behind them; a bare provider has none.
+        let retrying = Retrying::new(cache.clone(), FAST);
+        retrying.public_key().await.unwrap();
+        assert_eq!(retrying.public_key_cache().map(|s| s.hits), Some(16));
+        assert_eq!(inner.public_key_cache(), None);
     }
 }
