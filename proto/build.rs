@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { env::set_var("PROTOC", protoc) };
     let out = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Decode errors are the caller's mistake: INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(out.join("keybroker_descriptor.bin"))
         .compile_protos(&["keybroker/v1/broker.proto"], &["."])?;
     println!("cargo:rerun-if-changed=keybroker/v1/broker.proto");

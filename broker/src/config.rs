@@ -70,6 +70,19 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Plain-HTTP Prometheus endpoint (`GET /metrics`), e.g. "127.0.0.1:9464".
     pub metrics_listen: Option<String>,
+    /// Connections open at once, all callers together (default 1024).
+    pub max_connections: Option<usize>,
+    /// Connections open at once per caller uid on the unix socket (default 256).
+    pub max_connections_per_caller: Option<usize>,
+    /// Milliseconds a new connection may stay silent (default 10000).
+    pub handshake_timeout_ms: Option<u64>,
+    /// Seconds an established connection may receive nothing (default 300;
+    /// HTTP/2 keepalive pings count).
+    pub idle_timeout_secs: Option<u64>,
+    /// Concurrent requests per connection (default 64).
+    pub max_streams_per_connection: Option<u32>,
+    /// Largest request metadata (header list), bytes (default 16 KiB).
+    pub max_header_bytes: Option<u32>,
 }
 
 /// `[server.tls]`: a TCP listener that requires a client certificate issued by
@@ -300,6 +313,32 @@ impl Config {
     /// The largest request accepted.
     pub fn max_request_bytes(&self) -> usize {
         self.server.max_request_bytes.unwrap_or(64 * 1024)
+    }
+
+    /// Connection limits: `[server]` settings over the defaults.
+    pub fn conn_limits(&self) -> crate::conn::ConnLimits {
+        let d = crate::conn::ConnLimits::default();
+        let s = &self.server;
+        crate::conn::ConnLimits {
+            max_connections: s.max_connections.unwrap_or(d.max_connections).max(1),
+            max_connections_per_caller: s
+                .max_connections_per_caller
+                .unwrap_or(d.max_connections_per_caller)
+                .max(1),
+            handshake_timeout: s
+                .handshake_timeout_ms
+                .map(std::time::Duration::from_millis)
+                .unwrap_or(d.handshake_timeout),
+            idle_timeout: s
+                .idle_timeout_secs
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(d.idle_timeout),
+            max_streams_per_connection: s
+                .max_streams_per_connection
+                .unwrap_or(d.max_streams_per_connection)
+                .max(1),
+            max_header_bytes: s.max_header_bytes.unwrap_or(d.max_header_bytes).max(1024),
+        }
     }
 
     /// The embedded default: one dev key in `data_dir`, and a rule letting `uid`

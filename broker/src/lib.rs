@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod audit;
 pub mod config;
+pub mod conn;
 pub mod identity;
 pub mod keys;
 pub mod limits;
@@ -52,19 +53,49 @@ pub fn shared(state: State) -> SharedState {
 }
 
 /// Serves the KeyBroker API, health and reflection on a bound unix socket until
-/// `shutdown` completes; in-flight requests finish first.
+/// `shutdown` completes; in-flight requests finish first. Default connection
+/// limits; see [`serve_with`].
 pub async fn serve(
     socket: tokio::net::UnixListener,
     state: SharedState,
     max_request_bytes: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    serve_with(
+        socket,
+        state,
+        max_request_bytes,
+        conn::ConnLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with explicit connection limits (`[server]` in the config).
+pub async fn serve_with(
+    socket: tokio::net::UnixListener,
+    state: SharedState,
+    max_request_bytes: usize,
+    limits: conn::ConnLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
     use tokio_stream::StreamExt;
+    let admission = conn::Admission::new(limits);
     // Each connection carries what the kernel says about its peer (uid, gid,
-    // pid, supplementary groups), read once at accept.
-    let incoming = UnixListenerStream::new(socket).filter_map(|conn| match conn {
+    // pid, supplementary groups), read once at accept, and holds its slot.
+    let incoming = UnixListenerStream::new(socket).filter_map(move |conn| match conn {
         Ok(stream) => match identity::PeerInfo::of(&stream) {
-            Ok(info) => Some(Ok::<_, std::io::Error>(PeerStream { stream, info })),
+            Ok(info) => match admission.admit(Some(info.uid)) {
+                Ok(slot) => Some(Ok::<_, std::io::Error>(conn::Limited::new(
+                    PeerStream { stream, info },
+                    slot,
+                    &limits,
+                ))),
+                Err(why) => {
+                    tracing::warn!(uid = info.uid, "connection refused: {why}");
+                    None
+                }
+            },
             Err(e) => {
                 tracing::warn!("peer credentials unavailable, connection dropped: {e}");
                 None
@@ -76,7 +107,7 @@ pub async fn serve(
         }
     });
     routes(
-        tonic::transport::Server::builder(),
+        limited(tonic::transport::Server::builder(), &limits),
         state,
         max_request_bytes,
     )
@@ -84,6 +115,26 @@ pub async fn serve(
     .serve_with_incoming_shutdown(incoming, shutdown)
     .await
     .map_err(|e| format!("server: {e}"))
+}
+
+/// The HTTP/2 limits every listener gets: streams per connection, header list
+/// size, keepalive pings (a peer that stops answering is dropped), and a cap on
+/// reset streams (the "rapid reset" attack).
+fn limited(
+    builder: tonic::transport::Server,
+    limits: &conn::ConnLimits,
+) -> tonic::transport::Server<
+    tower::layer::util::Stack<conn::GrpcOnlyLayer, tower::layer::util::Identity>,
+> {
+    builder
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .http2_max_header_list_size(Some(limits.max_header_bytes))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .http2_max_pending_accept_reset_streams(Some(32))
+        .initial_stream_window_size(Some(256 * 1024))
+        .initial_connection_window_size(Some(1024 * 1024))
+        .layer(conn::GrpcOnlyLayer)
 }
 
 /// Loads `[server.tls]`'s certificate, key and client CA into a server config
@@ -122,17 +173,37 @@ pub async fn serve_tls(
     tls: tonic::transport::ServerTlsConfig,
     state: SharedState,
     max_request_bytes: usize,
+    limits: conn::ConnLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
-    let builder = tonic::transport::Server::builder()
+    use tokio_stream::StreamExt;
+    let builder = limited(tonic::transport::Server::builder(), &limits)
         .tls_config(tls)
         .map_err(|e| tls_error(&e))?;
+    // The caller is only known after the TLS handshake (its certificate), so
+    // here the limit is the total; the silent-connection timeout covers a
+    // handshake that never starts.
+    let admission = conn::Admission::new(limits);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(
+        move |conn| match conn {
+            Ok(stream) => match admission.admit(None) {
+                Ok(slot) => Some(Ok::<_, std::io::Error>(conn::Limited::new(
+                    stream, slot, &limits,
+                ))),
+                Err(why) => {
+                    tracing::warn!(peer = ?stream.peer_addr().ok(), "connection refused: {why}");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                None
+            }
+        },
+    );
     routes(builder, state, max_request_bytes)
         .await?
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("TLS server: {e}"))
 }
@@ -158,11 +229,11 @@ pub async fn serve_health_only(
 
 /// Health (the whole server and the KeyBroker service SERVING), reflection and
 /// the KeyBroker service, on `builder`.
-async fn routes(
-    mut builder: tonic::transport::Server,
+async fn routes<L: Clone>(
+    mut builder: tonic::transport::Server<L>,
     state: SharedState,
     max_request_bytes: usize,
-) -> Result<tonic::transport::server::Router, String> {
+) -> Result<tonic::transport::server::Router<L>, String> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<KeyBrokerServer<BrokerService>>()

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::Parser;
-use keybroker_broker::{activation, build_state, config, harden_process, keys, listen, serve};
+use keybroker_broker::{activation, build_state, config, harden_process, keys, listen};
 use keybroker_providers::{pem, P256Signer};
 
 /// The keybroker signing daemon.
@@ -213,7 +213,13 @@ async fn run(
         let _ = stop_tx.send(true);
     });
     let max = cfg.max_request_bytes();
-    let unix = serve(listener, state.clone(), max, stopped(stop_rx.clone()));
+    let unix = keybroker_broker::serve_with(
+        listener,
+        state.clone(),
+        max,
+        cfg.conn_limits(),
+        stopped(stop_rx.clone()),
+    );
     let (tls_server, health_server) = match tls {
         Some((l, server_config, health)) => (
             Some(keybroker_broker::serve_tls(
@@ -221,6 +227,7 @@ async fn run(
                 server_config,
                 state.clone(),
                 max,
+                cfg.conn_limits(),
                 stopped(stop_rx.clone()),
             )),
             health.map(|h| keybroker_broker::serve_health_only(h, stopped(stop_rx.clone()))),

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod codec;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("keybroker.v1");
