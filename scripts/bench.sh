@@ -4,6 +4,14 @@
 # 3 s or 2,000,000 requests, whichever comes first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = barrage ]; then
+  # docs/RELIABILITY.md: the hostile-input barrage of broker/tests/hostile.rs on
+  # a release build, with the healthy client's p99 target enforced.
+  echo "date: $(date -u +%FT%TZ); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
+  KEYBROKER_BARRAGE_P99_MS=50 cargo test --release --locked -p keybroker-broker --test hostile \
+    a_bounded_barrage -- --nocapture 2>&1 | grep -E '^(no barrage|barrage):|test result|panicked'
+  exit "${PIPESTATUS[0]}"
+fi
 scripts/install-test-deps.sh
 cargo build --release --locked -p keybroker-broker -p keybroker-client -p keybroker-bench
 state=$(mktemp -d -t keybroker-bench.XXXXXX)
