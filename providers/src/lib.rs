@@ -155,15 +155,20 @@ pub struct OpenOptions {
     pub gitlab: gitlab::GitLabOptions,
 }
 
-/// What every remote key source gets: retries with jittered backoff around a
-/// public-key cache (5 minutes, one fetch in flight per key).
+/// What every remote key source gets: a circuit breaker around retries with
+/// jittered backoff around a public-key cache (5 minutes, one fetch in flight
+/// per key).
 #[cfg(any(feature = "vault", feature = "aws", feature = "gitlab"))]
 fn remote(provider: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
     let cached = Arc::new(wrap::CachedPublicKey::new(
         provider,
         std::time::Duration::from_secs(300),
     ));
-    Arc::new(wrap::Retrying::new(cached, wrap::RetryConfig::default()))
+    let retrying = Arc::new(wrap::Retrying::new(cached, wrap::RetryConfig::default()));
+    Arc::new(wrap::CircuitBreaker::new(
+        retrying,
+        wrap::BreakerConfig::default(),
+    ))
 }
 
 /// Opens a key that lives on this machine (`file`, `env`) without touching any

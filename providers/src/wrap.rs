@@ -115,6 +115,163 @@ impl KeyProvider for Retrying {
     }
 }
 
+/// When to stop calling a backend that keeps failing.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerConfig {
+    /// Consecutive UNAVAILABLE outcomes (after retries) that open the circuit.
+    pub threshold: u32,
+    /// How long the circuit stays open at first; doubles after each failed
+    /// probe, up to `max_open`.
+    pub open_for: Duration,
+    /// Longest open period.
+    pub max_open: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            threshold: 5,
+            open_for: Duration::from_secs(2),
+            max_open: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures: u32,
+    open_until: Option<Instant>,
+    open_for: Duration,
+    probing: bool,
+}
+
+/// A circuit breaker: after `threshold` consecutive UNAVAILABLE outcomes the
+/// backend is not called at all for a while — callers get UNAVAILABLE at once,
+/// with how long to wait — so a dead backend cannot tie up every request
+/// worker (each call would otherwise wait out its timeouts and retries). When
+/// the period ends one call goes through as a probe; its success closes the
+/// circuit, its failure opens it again for twice as long. Only UNAVAILABLE
+/// counts: throttling, refusals and bad input say the backend is alive.
+pub struct CircuitBreaker {
+    inner: Arc<dyn KeyProvider>,
+    config: BreakerConfig,
+    state: std::sync::Mutex<BreakerState>,
+}
+
+impl CircuitBreaker {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn KeyProvider>, config: BreakerConfig) -> Self {
+        CircuitBreaker {
+            inner,
+            config,
+            state: std::sync::Mutex::new(BreakerState {
+                open_for: config.open_for,
+                ..BreakerState::default()
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// May a call go to the backend now? `Ok(true)`: yes, as the probe.
+    fn admit(&self) -> Result<bool> {
+        let mut st = self.state();
+        let Some(until) = st.open_until else {
+            return Ok(false);
+        };
+        let now = Instant::now();
+        if now < until || st.probing {
+            let wait = until
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(100));
+            return Err(Error::Unavailable(format!(
+                "{}: backend failed {} times in a row; not calling it for now, retry in {:.1} s",
+                self.inner.key_id(),
+                st.failures,
+                wait.as_secs_f64()
+            )));
+        }
+        st.probing = true;
+        Ok(true)
+    }
+
+    fn record<T>(&self, probe: bool, r: &Result<T>) {
+        let mut st = self.state();
+        if probe {
+            st.probing = false;
+        }
+        match r {
+            Err(Error::Unavailable(_)) => {
+                st.failures = st.failures.saturating_add(1);
+                if probe {
+                    st.open_for = (st.open_for * 2).min(self.config.max_open);
+                }
+                if probe || (st.open_until.is_none() && st.failures >= self.config.threshold) {
+                    st.open_until = Some(Instant::now() + st.open_for);
+                    tracing::warn!(
+                        key = self.inner.key_id(),
+                        failures = st.failures,
+                        open_for = ?st.open_for,
+                        "backend unavailable; circuit open"
+                    );
+                }
+            }
+            _ => {
+                if st.open_until.is_some() {
+                    tracing::info!(
+                        key = self.inner.key_id(),
+                        "backend answers again; circuit closed"
+                    );
+                }
+                *st = BreakerState {
+                    open_for: self.config.open_for,
+                    ..BreakerState::default()
+                };
+            }
+        }
+    }
+
+    async fn run<T, Fut>(&self, op: impl FnOnce() -> Fut) -> Result<T>
+    where
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let probe = self.admit()?;
+        let r = op().await;
+        self.record(probe, &r);
+        r
+    }
+}
+
+impl fmt::Debug for CircuitBreaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyProvider for CircuitBreaker {
+    fn key_id(&self) -> &str {
+        self.inner.key_id()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn sign_digest(&self, digest: &Sha256Digest) -> Result<Signature> {
+        self.run(|| self.inner.sign_digest(digest)).await
+    }
+    async fn public_key(&self) -> Result<PublicKey> {
+        self.run(|| self.inner.public_key()).await
+    }
+    fn public_key_cache(&self) -> Option<CacheStats> {
+        self.inner.public_key_cache()
+    }
+}
+
 /// Caches the public key for `ttl`. Concurrent callers wait on one fetch
 /// instead of each asking the backend.
 pub struct CachedPublicKey {
@@ -343,6 +500,68 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn the_breaker_opens_fails_fast_probes_and_closes() {
+        let inner = flaky(8, || Error::Unavailable("down".into()));
+        let config = BreakerConfig {
+            threshold: 3,
+            open_for: Duration::from_millis(200),
+            max_open: Duration::from_secs(1),
+        };
+        let b = CircuitBreaker::new(inner.clone(), config);
+        let d = Sha256Digest::of(b"x");
+        for _ in 0..3 {
+            assert!(b.sign_digest(&d).await.is_err());
+        }
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 3);
+        // Open: no backend call, a fast UNAVAILABLE that says when to retry.
+        let started = Instant::now();
+        for _ in 0..100 {
+            match b.sign_digest(&d).await {
+                Err(Error::Unavailable(m)) => assert!(m.contains("retry in"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 3);
+        // After the open period one probe goes through; it fails (call 4), so
+        // the circuit opens again, for twice as long.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(b.sign_digest(&d).await.is_err());
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 4);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(b.sign_digest(&d).await.is_err(), "still open (400 ms)");
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 4);
+        // The backend recovers (calls 5..=8 fail, 9 succeeds): probes until it does.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if b.sign_digest(&d).await.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never closed");
+        }
+        // Closed: every call reaches the backend again.
+        let before = inner.calls.load(Ordering::SeqCst);
+        assert!(b.sign_digest(&d).await.is_ok());
+        assert_eq!(inner.calls.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_and_throttling_never_open_the_breaker() {
+        for error in [
+            (|| Error::PermissionDenied("no".into())) as fn() -> Error,
+            || Error::ResourceExhausted("429".into()),
+        ] {
+            let inner = flaky(20, error);
+            let b = CircuitBreaker::new(inner.clone(), BreakerConfig::default());
+            for _ in 0..20 {
+                assert!(b.sign_digest(&Sha256Digest::of(b"x")).await.is_err());
+            }
+            assert_eq!(inner.calls.load(Ordering::SeqCst), 20);
+        }
     }
 
     #[tokio::test]
