@@ -599,3 +599,78 @@ async fn metrics_count_public_key_cache_hits_of_a_remote_key() {
     // A local key has no cache in front of it, so no series.
     assert!(!text.contains("key=\"f\",result=\"hit\""), "{text}");
 }
+
+/// A key file is read when the daemon starts and at each reload, never in
+/// between: replacing or removing it changes nothing until SIGHUP; a reload
+/// that cannot read it is rejected and the key in memory keeps signing.
+#[tokio::test]
+async fn a_key_file_replaced_or_removed_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let write_key = |path: &Path| {
+        let (signer, der) = keybroker_providers::P256Signer::generate().unwrap();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, keybroker_providers::pem::encode("PRIVATE KEY", &der)).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+        signer.public_key_pem().to_string()
+    };
+    let first = write_key(&key);
+    let socket = dir.path().join("r.sock");
+    let config = dir.path().join("r.toml");
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsocket = \"{}\"\n[keys.k]\nref = \"{}\"\n[[policy]]\ncallers = [\"uid:{uid}\"]\nkeys = [\"k\"]\nimages = [\"**\"]\nallow_raw_digest = true\n",
+            socket.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let mut d = start(dir.path(), &["--config", config.to_str().unwrap()]);
+    d.socket = socket;
+    wait_for_socket(&d.socket).await;
+    let mut c = client(&d.socket).await;
+    let digest = Sha256Digest::of(b"rotation");
+    let signed_by = async |c: &mut keybroker_proto::Client| {
+        let r = c
+            .sign(SignRequest {
+                key: "k".into(),
+                digest: digest.as_bytes().to_vec(),
+            })
+            .await
+            .expect("sign")
+            .into_inner();
+        let pem = r.key.unwrap().public_key_pem;
+        verify_digest(&pem, &digest, &r.signature).expect("verifies with the key it names");
+        pem
+    };
+    let pid = d.child.id() as i32;
+    let hup = || {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+    };
+
+    // Replaced on disk: the running daemon still signs with the key it read.
+    let second = write_key(&key);
+    assert_eq!(signed_by(&mut c).await, first);
+    // SIGHUP: the new file is read and signs from then on.
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while signed_by(&mut c).await != second {
+        assert!(
+            Instant::now() < deadline,
+            "reload did not pick up the new key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Removed: nothing changes, and a reload that cannot read it is rejected,
+    // so the key in memory keeps signing.
+    std::fs::remove_file(&key).unwrap();
+    assert_eq!(signed_by(&mut c).await, second);
+    hup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(signed_by(&mut c).await, second);
+    assert!(d.child.try_wait().unwrap().is_none(), "keybrokerd exited");
+}
