@@ -83,6 +83,10 @@ pub struct ServerConfig {
     pub max_streams_per_connection: Option<u32>,
     /// Largest request metadata (header list), bytes (default 16 KiB).
     pub max_header_bytes: Option<u32>,
+    /// KeyBroker calls in flight at once per listener (default 512).
+    pub max_in_flight: Option<usize>,
+    /// KeyBroker calls in flight at once per caller (default 128).
+    pub max_in_flight_per_caller: Option<usize>,
 }
 
 /// `[server.tls]`: a TCP listener that requires a client certificate issued by
@@ -338,6 +342,11 @@ impl Config {
                 .unwrap_or(d.max_streams_per_connection)
                 .max(1),
             max_header_bytes: s.max_header_bytes.unwrap_or(d.max_header_bytes).max(1024),
+            max_in_flight: s.max_in_flight.unwrap_or(d.max_in_flight).max(1),
+            max_in_flight_per_caller: s
+                .max_in_flight_per_caller
+                .unwrap_or(d.max_in_flight_per_caller)
+                .max(1),
         }
     }
 

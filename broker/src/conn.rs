@@ -37,6 +37,10 @@ pub struct ConnLimits {
     pub max_streams_per_connection: u32,
     /// Largest request header list (metadata), bytes.
     pub max_header_bytes: u32,
+    /// KeyBroker calls in flight at once on one listener; beyond, RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// KeyBroker calls in flight at once per caller; beyond, RESOURCE_EXHAUSTED.
+    pub max_in_flight_per_caller: usize,
 }
 
 impl Default for ConnLimits {
@@ -48,6 +52,8 @@ impl Default for ConnLimits {
             idle_timeout: Duration::from_secs(300),
             max_streams_per_connection: 64,
             max_header_bytes: 16 * 1024,
+            max_in_flight: 512,
+            max_in_flight_per_caller: 128,
         }
     }
 }
@@ -339,6 +345,149 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Requests in flight, in total and per caller: past either bound a KeyBroker
+/// call is answered RESOURCE_EXHAUSTED at once ("busy, retry with backoff")
+/// instead of queueing, so at several times the sustainable load latency and
+/// memory stay flat, and one noisy caller can hold at most its own share.
+/// Health and reflection are never limited.
+#[derive(Debug, Clone)]
+pub struct InFlightLayer {
+    total: Arc<Semaphore>,
+    per_caller: Arc<Mutex<HashMap<CallerKey, usize>>>,
+    max_per_caller: usize,
+}
+
+/// Who a request is from, as far as connection-level facts tell: the peer's
+/// uid on the unix socket, its certificate on the mTLS listener.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum CallerKey {
+    Uid(u32),
+    Certificate(u64),
+    Unknown,
+}
+
+impl InFlightLayer {
+    /// At most `max_total` KeyBroker calls at once, `max_per_caller` per caller.
+    pub fn new(max_total: usize, max_per_caller: usize) -> Self {
+        InFlightLayer {
+            total: Arc::new(Semaphore::new(max_total.max(1))),
+            per_caller: Arc::default(),
+            max_per_caller: max_per_caller.max(1),
+        }
+    }
+
+    fn admit(&self, key: CallerKey) -> Result<InFlight, &'static str> {
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "too many requests in flight")?;
+        let mut m = self.per_caller.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key.clone()).or_default();
+        if *n >= self.max_per_caller {
+            return Err("too many requests in flight from this caller");
+        }
+        *n += 1;
+        Ok(InFlight {
+            _total: total,
+            key,
+            map: self.per_caller.clone(),
+        })
+    }
+}
+
+/// One admitted request's slots, given back when its response is produced.
+struct InFlight {
+    _total: OwnedSemaphorePermit,
+    key: CallerKey,
+    map: Arc<Mutex<HashMap<CallerKey, usize>>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn caller_key<B>(req: &http::Request<B>) -> CallerKey {
+    use std::hash::{Hash, Hasher};
+    if let Some(p) = req.extensions().get::<crate::identity::PeerInfo>() {
+        return CallerKey::Uid(p.uid);
+    }
+    if let Some(tls) = req
+        .extensions()
+        .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+    {
+        if let Some(leaf) = tls.peer_certs().and_then(|c| c.first().cloned()) {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            leaf.as_ref().hash(&mut h);
+            return CallerKey::Certificate(h.finish());
+        }
+    }
+    CallerKey::Unknown
+}
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlightLimit<S>;
+    fn layer(&self, inner: S) -> InFlightLimit<S> {
+        InFlightLimit {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`InFlightLayer`].
+#[derive(Debug, Clone)]
+pub struct InFlightLimit<S> {
+    inner: S,
+    layer: InFlightLayer,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for InFlightLimit<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if !req.uri().path().starts_with("/keybroker.v1.KeyBroker/") {
+            return Box::pin(self.inner.call(req));
+        }
+        match self.layer.admit(caller_key(&req)) {
+            Ok(slot) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let r = fut.await;
+                    drop(slot);
+                    r
+                })
+            }
+            Err(why) => {
+                crate::metrics::count_request("(any)", "(any)", "overloaded");
+                let status = tonic::Status::resource_exhausted(format!(
+                    "keybrokerd is busy: {why}; retry with backoff"
+                ));
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +497,22 @@ mod tests {
         assert_eq!(percent_decode("a%20b%2Cc%"), "a b,c%");
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(percent_decode("%é"), "%é");
+    }
+
+    #[test]
+    fn in_flight_is_bounded_in_total_and_per_caller() {
+        let l = InFlightLayer::new(3, 2);
+        let a1 = l.admit(CallerKey::Uid(1)).unwrap();
+        let _a2 = l.admit(CallerKey::Uid(1)).unwrap();
+        // The noisy caller is at its share; another caller still gets in.
+        assert!(l.admit(CallerKey::Uid(1)).is_err());
+        let _b1 = l.admit(CallerKey::Uid(2)).unwrap();
+        assert_eq!(
+            l.admit(CallerKey::Uid(3)).err(),
+            Some("too many requests in flight")
+        );
+        drop(a1);
+        let _a3 = l.admit(CallerKey::Uid(1)).unwrap();
     }
 
     #[test]

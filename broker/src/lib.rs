@@ -3,6 +3,7 @@
 //! (payload, sign) → `status` (errors as gRPC codes). See ARCHITECTURE.md.
 
 pub mod activation;
+pub mod attest;
 pub mod audit;
 pub mod config;
 pub mod conn;
@@ -10,6 +11,7 @@ pub mod identity;
 pub mod keys;
 pub mod limits;
 pub mod listen;
+pub mod message;
 pub mod metrics;
 pub mod oidc;
 pub mod payload;
@@ -118,13 +120,17 @@ pub async fn serve_with(
 }
 
 /// The HTTP/2 limits every listener gets: streams per connection, header list
-/// size, keepalive pings (a peer that stops answering is dropped), and a cap on
-/// reset streams (the "rapid reset" attack).
+/// size, keepalive pings (a peer that stops answering is dropped), a cap on
+/// reset streams (the "rapid reset" attack); HTTP 415 for non-gRPC requests;
+/// and the bound on KeyBroker calls in flight (per listener, and per caller).
 fn limited(
     builder: tonic::transport::Server,
     limits: &conn::ConnLimits,
 ) -> tonic::transport::Server<
-    tower::layer::util::Stack<conn::GrpcOnlyLayer, tower::layer::util::Identity>,
+    tower::layer::util::Stack<
+        conn::InFlightLayer,
+        tower::layer::util::Stack<conn::GrpcOnlyLayer, tower::layer::util::Identity>,
+    >,
 > {
     builder
         .max_concurrent_streams(Some(limits.max_streams_per_connection))
@@ -135,6 +141,10 @@ fn limited(
         .initial_stream_window_size(Some(256 * 1024))
         .initial_connection_window_size(Some(1024 * 1024))
         .layer(conn::GrpcOnlyLayer)
+        .layer(conn::InFlightLayer::new(
+            limits.max_in_flight,
+            limits.max_in_flight_per_caller,
+        ))
 }
 
 /// Loads `[server.tls]`'s certificate, key and client CA into a server config

@@ -109,6 +109,14 @@ pub enum Action<'a> {
         /// Client annotations.
         annotations: &'a BTreeMap<String, String>,
     },
+    /// An attestation about an image (AttestImage, or an in-toto statement
+    /// through SignMessage): key and image repository; no annotations exist.
+    AttestImage {
+        /// Key alias.
+        key: &'a str,
+        /// Repository (the statement's subject name).
+        image: &'a str,
+    },
     /// Raw digest Sign.
     SignDigest {
         /// Key alias.
@@ -201,7 +209,9 @@ impl Policy {
             return Err(Denied::Claims(caller.to_string()));
         }
         let key = match action {
-            Action::SignImage { key, .. } | Action::SignDigest { key } => *key,
+            Action::SignImage { key, .. }
+            | Action::AttestImage { key, .. }
+            | Action::SignDigest { key } => *key,
         };
         let for_key: Vec<&Rule> = for_caller
             .into_iter()
@@ -216,6 +226,16 @@ impl Policy {
                     Ok(())
                 } else {
                     Err(Denied::RawDigest(key.to_string()))
+                }
+            }
+            Action::AttestImage { key, image } => {
+                if for_key.iter().any(|r| r.admits_image(image)) {
+                    Ok(())
+                } else {
+                    Err(Denied::Image {
+                        image: image.to_string(),
+                        key: key.to_string(),
+                    })
                 }
             }
             Action::SignImage {

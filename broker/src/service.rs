@@ -12,10 +12,11 @@ use keybroker_providers::{PublicKey, Sha256Digest, ALGORITHM};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    attest,
     audit::AuditLog,
     identity::Caller,
     keys::KeyEntry,
-    payload,
+    message, payload,
     policy::{Action, Policy},
     status,
 };
@@ -41,8 +42,8 @@ pub struct State {
 }
 
 /// One audit record under construction (audit.rs writes it and chains it).
-struct Audit<'a> {
-    log: Option<&'a Arc<AuditLog>>,
+struct Audit {
+    log: Option<Arc<AuditLog>>,
     record: serde_json::Map<String, serde_json::Value>,
     /// For the metrics: the RPC, and the key alias if the broker has it (an
     /// unknown alias is counted as "(unknown)", so callers cannot mint labels).
@@ -50,8 +51,8 @@ struct Audit<'a> {
     metrics_key: String,
 }
 
-impl<'a> Audit<'a> {
-    fn new(state: &'a State, rpc: &'static str, caller: &Caller, key: &str) -> Self {
+impl Audit {
+    fn new(state: &State, rpc: &'static str, caller: &Caller, key: &str) -> Self {
         use serde_json::json;
         let mut record = serde_json::Map::new();
         if state.audit.is_some() {
@@ -67,7 +68,7 @@ impl<'a> Audit<'a> {
             }
         }
         Audit {
-            log: state.audit.as_ref(),
+            log: state.audit.clone(),
             record,
             rpc,
             metrics_key: if state.keys.contains_key(key) {
@@ -85,17 +86,18 @@ impl<'a> Audit<'a> {
     }
 
     /// Writes the record with its decision; durable when this returns Ok.
-    async fn write(mut self, decision: &str, reason: Option<String>) -> Result<(), Status> {
-        let Some(log) = self.log else {
+    async fn write(&mut self, decision: &str, reason: Option<String>) -> Result<(), Status> {
+        let Some(log) = self.log.take() else {
             crate::metrics::count_request(self.rpc, &self.metrics_key, decision);
             return Ok(());
         };
-        self.record.insert("decision".into(), decision.into());
+        let mut record = std::mem::take(&mut self.record);
+        record.insert("decision".into(), decision.into());
         if let Some(r) = reason {
-            self.record.insert("reason".into(), r.into());
+            record.insert("reason".into(), r.into());
         }
         let (rpc, key) = (self.rpc, std::mem::take(&mut self.metrics_key));
-        match log.append(self.record).await {
+        match log.append(record).await {
             Ok(()) => {
                 crate::metrics::count_request(rpc, &key, decision);
                 Ok(())
@@ -111,7 +113,7 @@ impl<'a> Audit<'a> {
 
     /// Records a refusal; the caller gets `status` either way (a failing audit
     /// log is logged, it does not turn a denial into something else).
-    async fn refuse(self, decision: &str, status: Status) -> Status {
+    async fn refuse(&mut self, decision: &str, status: Status) -> Status {
         if let Err(e) = self
             .write(decision, Some(status.message().to_string()))
             .await
@@ -119,6 +121,93 @@ impl<'a> Audit<'a> {
             tracing::error!("{}", e.message());
         }
         status
+    }
+}
+
+/// One signing request on its way: who asks, the state it started with (a
+/// reload does not change it), and its audit record. Every signing RPC goes
+/// `begin` → `entry` → its own validation (`invalid`) → `authorize` → `sign`,
+/// so each refusal and each signature is recorded the same way.
+struct Call {
+    caller: Caller,
+    token: Option<crate::oidc::Token>,
+    state: Arc<State>,
+    audit: Audit,
+    key: String,
+}
+
+impl Call {
+    /// The requested key; an unknown alias is refused (and recorded).
+    async fn entry(&mut self) -> Result<Arc<KeyEntry>, Status> {
+        match self.state.key(&self.key) {
+            Ok(e) => Ok(e.clone()),
+            Err(s) => Err(self.audit.refuse("denied", s).await),
+        }
+    }
+
+    /// Records a malformed request and returns its status.
+    async fn invalid(&mut self, status: Status) -> Status {
+        self.audit.refuse("invalid", status).await
+    }
+
+    /// The policy decision for one action; a denial is logged, recorded, and
+    /// its message prefixed with `context` when that is not empty.
+    async fn check(&mut self, action: &Action<'_>, context: &str) -> Result<(), Status> {
+        match self
+            .state
+            .policy
+            .check_with_token(&self.caller, self.token.as_ref(), action)
+        {
+            Ok(()) => Ok(()),
+            Err(d) => {
+                let mut status = deny(&self.caller, &self.key, d);
+                if !context.is_empty() {
+                    status = Status::new(status.code(), format!("{context}{}", status.message()));
+                }
+                Err(self.audit.refuse("denied", status).await)
+            }
+        }
+    }
+
+    /// The caller's and the key's rate limits.
+    async fn limit(&mut self) -> Result<(), Status> {
+        match self
+            .state
+            .limits
+            .check(&self.caller.payload_identity(), &self.key)
+        {
+            Ok(()) => Ok(()),
+            Err(l) => Err(self
+                .audit
+                .refuse("rate_limited", status::from_limited(&l))
+                .await),
+        }
+    }
+
+    /// Policy, then rate limits.
+    async fn authorize(&mut self, action: &Action<'_>) -> Result<(), Status> {
+        self.check(action, "").await?;
+        self.limit().await
+    }
+
+    /// Signs a SHA-256 digest with the key; the record is on disk before the
+    /// signature leaves the daemon. Returns the DER signature and key info.
+    async fn sign(
+        mut self,
+        entry: &KeyEntry,
+        digest: &Sha256Digest,
+    ) -> Result<(Vec<u8>, KeyInfo), Status> {
+        let started = std::time::Instant::now();
+        let signed = entry.provider.sign_digest(digest).await;
+        crate::metrics::observe_backend(&self.key, signed.is_ok(), started.elapsed());
+        let sig = match signed {
+            Ok(s) => s,
+            Err(e) => return Err(self.audit.refuse("failed", status::from_provider(&e)).await),
+        };
+        self.audit.set("key_version", sig.key_version.clone());
+        self.audit.write("allowed", None).await?;
+        let key = signed_key_info(entry, &sig.key_version).await?;
+        Ok((sig.der, key))
     }
 }
 
@@ -132,6 +221,32 @@ impl BrokerService {
     /// Wraps the (reloadable) state.
     pub fn new(state: crate::SharedState) -> Self {
         BrokerService { state }
+    }
+
+    /// Starts a signing request: header, caller, ID token, audit record.
+    async fn begin<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+        key: &str,
+    ) -> Result<Call, Status> {
+        let caller = caller(req)?;
+        let state = self.state.load_full();
+        let token = id_token(&state, req).await?;
+        let mut audit = Audit::new(&state, rpc, &caller, key);
+        if let Some(t) = &token {
+            audit.set(
+                "oidc",
+                serde_json::json!({"iss": t.issuer, "sub": t.subject}),
+            );
+        }
+        Ok(Call {
+            caller,
+            token,
+            state,
+            audit,
+            key: key.to_string(),
+        })
     }
 }
 
@@ -180,6 +295,16 @@ fn validate_sign_image(
         annotations.insert(k, v);
     }
     Ok(annotations)
+}
+
+/// The checks of an AttestImage request that need no policy; the predicate object.
+fn validate_attest_image(
+    r: &AttestImageRequest,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    payload::validate_docker_reference(&r.docker_reference)?;
+    payload::validate_manifest_digest(&r.manifest_digest)?;
+    attest::validate_predicate_type(&r.predicate_type)?;
+    attest::parse_predicate(&r.predicate)
 }
 
 /// Refuses a call without `keybroker-request: true` (see keybroker_proto::REQUEST_HEADER).
@@ -254,51 +379,31 @@ impl KeyBroker for BrokerService {
         &self,
         req: Request<SignImageRequest>,
     ) -> Result<Response<SignImageResponse>, Status> {
-        let caller = caller(&req)?;
-        let state = self.state.load_full();
-        let token = id_token(&state, &req).await?;
+        let mut call = self.begin(&req, "SignImage", &req.get_ref().key).await?;
         let r = req.into_inner();
-        let mut audit = Audit::new(&state, "SignImage", &caller, &r.key);
-        if let Some(t) = &token {
-            audit.set(
-                "oidc",
-                serde_json::json!({"iss": t.issuer, "sub": t.subject}),
-            );
-        }
-        audit.set("image", r.docker_reference.clone());
-        audit.set("digest", r.manifest_digest.clone());
-        let entry = match state.key(&r.key) {
-            Ok(e) => e,
-            Err(s) => return Err(audit.refuse("denied", s).await),
-        };
+        call.audit.set("image", r.docker_reference.clone());
+        call.audit.set("digest", r.manifest_digest.clone());
+        let entry = call.entry().await?;
         // A malformed request is refused before the policy, but still recorded
         // (a forged keybroker.dev/* annotation is worth an audit line).
-        let annotations =
+        let mut annotations =
             match validate_sign_image(&r.docker_reference, &r.manifest_digest, r.annotations) {
                 Ok(a) => a,
-                Err(s) => return Err(audit.refuse("invalid", s).await),
+                Err(s) => return Err(call.invalid(s).await),
             };
-        let mut annotations = annotations;
-        audit.set("annotations", serde_json::json!(annotations));
-        if let Err(d) = state.policy.check_with_token(
-            &caller,
-            token.as_ref(),
-            &Action::SignImage {
-                key: &r.key,
-                image: &r.docker_reference,
-                annotations: &annotations,
-            },
-        ) {
-            return Err(audit.refuse("denied", deny(&caller, &r.key, d)).await);
-        }
-        if let Err(l) = state.limits.check(&caller.payload_identity(), &r.key) {
-            return Err(audit.refuse("rate_limited", status::from_limited(&l)).await);
-        }
+        call.audit
+            .set("annotations", serde_json::json!(annotations));
+        call.authorize(&Action::SignImage {
+            key: &r.key,
+            image: &r.docker_reference,
+            annotations: &annotations,
+        })
+        .await?;
         annotations.insert(
             payload::CALLER_ANNOTATION.to_string(),
-            caller.payload_identity(),
+            call.caller.payload_identity(),
         );
-        if let Some(t) = &token {
+        if let Some(t) = &call.token {
             annotations.insert(
                 payload::OIDC_ANNOTATION.to_string(),
                 format!("iss={} sub={}", t.issuer, t.subject),
@@ -306,73 +411,36 @@ impl KeyBroker for BrokerService {
         }
         let body = payload::simple_signing(&r.docker_reference, &r.manifest_digest, &annotations);
         let payload_digest = Sha256Digest::of(&body);
-        audit.set("payload_sha256", hex::encode(payload_digest.as_bytes()));
-        let started = std::time::Instant::now();
-        let signed = entry.provider.sign_digest(&payload_digest).await;
-        crate::metrics::observe_backend(&r.key, signed.is_ok(), started.elapsed());
-        let sig = match signed {
-            Ok(s) => s,
-            Err(e) => return Err(audit.refuse("failed", status::from_provider(&e)).await),
-        };
-        audit.set("key_version", sig.key_version.clone());
-        // The record is on disk before the signature leaves the daemon.
-        audit.write("allowed", None).await?;
+        call.audit
+            .set("payload_sha256", hex::encode(payload_digest.as_bytes()));
+        let caller = call.caller.clone();
+        let (signature, key) = call.sign(&entry, &payload_digest).await?;
         tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, "signed image");
-        let key = signed_key_info(entry, &sig.key_version).await?;
         Ok(Response::new(SignImageResponse {
             payload: body,
-            signature: sig.der,
+            signature,
             key: Some(key),
         }))
     }
 
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let caller = caller(&req)?;
-        let state = self.state.load_full();
-        let token = id_token(&state, &req).await?;
+        let mut call = self.begin(&req, "Sign", &req.get_ref().key).await?;
         let r = req.into_inner();
-        let mut audit = Audit::new(&state, "Sign", &caller, &r.key);
-        if let Some(t) = &token {
-            audit.set(
-                "oidc",
-                serde_json::json!({"iss": t.issuer, "sub": t.subject}),
-            );
-        }
-        let entry = match state.key(&r.key) {
-            Ok(e) => e,
-            Err(s) => return Err(audit.refuse("denied", s).await),
-        };
+        let entry = call.entry().await?;
         let digest = match Sha256Digest::try_from(r.digest.as_slice()) {
             Ok(d) => d,
-            Err(e) => return Err(audit.refuse("invalid", status::from_provider(&e)).await),
+            Err(e) => return Err(call.invalid(status::from_provider(&e)).await),
         };
-        audit.set(
+        call.audit.set(
             "digest",
             format!("sha256:{}", hex::encode(digest.as_bytes())),
         );
-        if let Err(d) = state.policy.check_with_token(
-            &caller,
-            token.as_ref(),
-            &Action::SignDigest { key: &r.key },
-        ) {
-            return Err(audit.refuse("denied", deny(&caller, &r.key, d)).await);
-        }
-        if let Err(l) = state.limits.check(&caller.payload_identity(), &r.key) {
-            return Err(audit.refuse("rate_limited", status::from_limited(&l)).await);
-        }
-        let started = std::time::Instant::now();
-        let signed = entry.provider.sign_digest(&digest).await;
-        crate::metrics::observe_backend(&r.key, signed.is_ok(), started.elapsed());
-        let sig = match signed {
-            Ok(s) => s,
-            Err(e) => return Err(audit.refuse("failed", status::from_provider(&e)).await),
-        };
-        audit.set("key_version", sig.key_version.clone());
-        audit.write("allowed", None).await?;
+        call.authorize(&Action::SignDigest { key: &r.key }).await?;
+        let caller = call.caller.clone();
+        let (signature, key) = call.sign(&entry, &digest).await?;
         tracing::debug!(%caller, key = %r.key, ?digest, "signed digest");
-        let key = signed_key_info(entry, &sig.key_version).await?;
         Ok(Response::new(SignResponse {
-            signature: sig.der,
+            signature,
             key: Some(key),
         }))
     }
@@ -420,15 +488,151 @@ impl KeyBroker for BrokerService {
 
     async fn sign_message(
         &self,
-        _req: Request<SignMessageRequest>,
+        req: Request<SignMessageRequest>,
     ) -> Result<Response<SignMessageResponse>, Status> {
-        Err(Status::unimplemented("SignMessage is not built yet"))
+        use message::Kind;
+        let mut call = self.begin(&req, "SignMessage", &req.get_ref().key).await?;
+        let r = req.into_inner();
+        let digest = Sha256Digest::of(&r.message);
+        call.audit
+            .set("message_sha256", hex::encode(digest.as_bytes()));
+        let entry = call.entry().await?;
+        let kind = match message::classify(&r.message) {
+            Ok(k) => k,
+            Err(m) => return Err(call.invalid(Status::invalid_argument(m)).await),
+        };
+        call.audit.set("kind", kind.name());
+        match &kind {
+            Kind::SimpleSigning(img) => {
+                let image = img.repository.as_deref().unwrap_or_default();
+                call.audit.set("image", image);
+                call.audit.set("digest", img.digest.clone());
+                call.audit
+                    .set("annotations", serde_json::json!(img.annotations));
+                call.check(
+                    &Action::SignImage {
+                        key: &r.key,
+                        image,
+                        annotations: &img.annotations,
+                    },
+                    "",
+                )
+                .await?;
+            }
+            Kind::InToto {
+                predicate_type,
+                subjects,
+            } => {
+                call.audit.set("predicate_type", predicate_type.clone());
+                call.audit.set(
+                    "subjects",
+                    subjects
+                        .iter()
+                        .map(|s| {
+                            serde_json::json!({
+                                "image": s.repository,
+                                "digest": s.digest,
+                                "annotations": s.annotations,
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                // Every subject must be allowed.
+                for s in subjects {
+                    let context = match &s.repository {
+                        Some(_) => String::new(),
+                        None => format!(
+                            "subject {} names no repository (cosign 3 signs the digest alone), so only a rule whose images glob matches every repository (\"**\") admits it: ",
+                            s.digest
+                        ),
+                    };
+                    let image = s.repository.as_deref().unwrap_or_default();
+                    let action = if predicate_type == message::COSIGN_SIGN_V1 {
+                        Action::SignImage {
+                            key: &r.key,
+                            image,
+                            annotations: &s.annotations,
+                        }
+                    } else {
+                        Action::AttestImage { key: &r.key, image }
+                    };
+                    call.check(&action, &context).await?;
+                }
+            }
+            Kind::Raw(why) => {
+                call.audit.set("raw_reason", why.clone());
+                call.check(
+                    &Action::SignDigest { key: &r.key },
+                    &format!("the message is {why}, so signing it is raw signing: "),
+                )
+                .await?;
+            }
+        }
+        call.limit().await?;
+        let caller = call.caller.clone();
+        let (signature, key) = call.sign(&entry, &digest).await?;
+        tracing::info!(%caller, key = %r.key, kind = kind.name(), "signed message");
+        Ok(Response::new(SignMessageResponse {
+            signature,
+            key: Some(key),
+            kind: kind.name().to_string(),
+        }))
     }
 
     async fn attest_image(
         &self,
-        _req: Request<AttestImageRequest>,
+        req: Request<AttestImageRequest>,
     ) -> Result<Response<AttestImageResponse>, Status> {
-        Err(Status::unimplemented("AttestImage is not built yet"))
+        let mut call = self.begin(&req, "AttestImage", &req.get_ref().key).await?;
+        let r = req.into_inner();
+        call.audit.set("image", r.docker_reference.clone());
+        call.audit.set("digest", r.manifest_digest.clone());
+        call.audit.set("predicate_type", r.predicate_type.clone());
+        let entry = call.entry().await?;
+        let mut predicate = match validate_attest_image(&r) {
+            Ok(p) => p,
+            Err(m) => return Err(call.invalid(Status::invalid_argument(m)).await),
+        };
+        if r.predicate_type == attest::SLSA_PROVENANCE_V1 {
+            let authenticated = attest::authenticated_builder(&call.caller, call.token.as_ref());
+            match attest::apply_builder(
+                &mut predicate,
+                authenticated,
+                &call.caller.payload_identity(),
+            ) {
+                Ok(d) => {
+                    call.audit.set("builder_id", d.id);
+                    call.audit.set("builder_id_source", d.source.as_str());
+                    call.audit.set("claimed_builder_id", d.claimed);
+                }
+                Err(m) => return Err(call.invalid(Status::invalid_argument(m)).await),
+            }
+        }
+        call.authorize(&Action::AttestImage {
+            key: &r.key,
+            image: &r.docker_reference,
+        })
+        .await?;
+        let statement = attest::statement(
+            &r.docker_reference,
+            &r.manifest_digest,
+            &r.predicate_type,
+            &predicate,
+        );
+        let pae = attest::pae(attest::PAYLOAD_TYPE, &statement);
+        let digest = Sha256Digest::of(&pae);
+        call.audit.set(
+            "statement_sha256",
+            hex::encode(Sha256Digest::of(&statement).as_bytes()),
+        );
+        call.audit.set("pae_sha256", hex::encode(digest.as_bytes()));
+        let caller = call.caller.clone();
+        let (signature, key) = call.sign(&entry, &digest).await?;
+        tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, predicate_type = %r.predicate_type, "attested image");
+        Ok(Response::new(AttestImageResponse {
+            envelope: attest::envelope(&statement, &signature),
+            key: Some(key),
+            statement,
+        }))
     }
 }

@@ -2,10 +2,14 @@
 //! them in OCI registries in cosign's format. Links no cloud SDK and holds no
 //! signing key (generate-key-pair aside, which writes one to disk for the user).
 
+pub mod attest;
 pub mod audit;
 pub mod broker;
+pub mod ci_env;
 pub mod cosign;
 mod error;
+pub mod plugin;
+pub mod provenance;
 pub mod provision;
 pub mod registry;
 pub mod sign;

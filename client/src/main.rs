@@ -11,8 +11,15 @@ use std::{
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use futures::StreamExt;
 use keybroker_client::{
-    broker,
-    cosign::verify_image,
+    attest::attest_image,
+    broker, ci_env,
+    cosign::{
+        attestation::{
+            build_predicate, predicate_type_uri, verify_attestations, SLSA1_PREDICATE_TYPE,
+        },
+        verify_image,
+    },
+    provenance::now_rfc3339,
     provision::{create_vault_key, write_public, VaultTarget},
     registry::{Credentials, ImageRef, Registry, RegistryOptions},
     sign::sign_image,
@@ -87,6 +94,11 @@ enum Command {
         /// Annotation for the payload's "optional" section, KEY=VALUE. Repeatable.
         #[arg(short = 'a', long = "annotations", value_name = "KEY=VALUE")]
         annotations: Vec<String>,
+        /// Add commit, branch (or tag), repo and build-url annotations from the CI
+        /// environment (GitHub Actions, GitLab CI, Jenkins, or the git checkout
+        /// in the current directory); -a values win over them.
+        #[arg(long)]
+        ci_annotations: bool,
         /// Images signed concurrently
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
         jobs: u16,
@@ -98,6 +110,47 @@ enum Command {
         /// PEM public key file, or a broker key alias
         #[arg(long)]
         key: String,
+    },
+    /// Attest images: sign an in-toto statement about each with a broker key and
+    /// store the DSSE envelope in cosign's `.att` layout.
+    ///
+    /// The broker builds the statement (subject: the repository and the image's
+    /// digest), checks its image policy, audits and signs. Existing attestations
+    /// are kept; --replace drops those of the same predicate type.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["predicate", "provenance"])))]
+    Attest {
+        /// Images to attest
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Key alias in the broker
+        #[arg(long)]
+        key: String,
+        /// Predicate file (for --type custom any content; else JSON)
+        #[arg(long, conflicts_with = "provenance")]
+        predicate: Option<PathBuf>,
+        /// Predicate type: slsaprovenance, slsaprovenance02, slsaprovenance1,
+        /// link, spdx, spdxjson, cyclonedx, vuln, openvex, custom, or a URI
+        #[arg(long = "type", default_value = "custom", conflicts_with = "provenance")]
+        predicate_type: String,
+        /// Generate a SLSA Provenance v1 predicate (https://slsa.dev/provenance/v1)
+        /// from the CI environment instead of reading one
+        #[arg(long)]
+        provenance: bool,
+        /// Replace stored attestations of the same predicate type
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Verify an image's attestations against a public key; prints each verified
+    /// in-toto statement as one JSON line.
+    VerifyAttestation {
+        /// Image to verify
+        image: String,
+        /// PEM public key file, or a broker key alias
+        #[arg(long)]
+        key: String,
+        /// Only statements of this predicate type (cosign name or URI)
+        #[arg(long = "type")]
+        predicate_type: Option<String>,
     },
     /// Print a key's public key (PEM).
     PublicKey {
@@ -229,9 +282,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
             images,
             key,
             annotations,
+            ci_annotations,
             jobs,
         } => {
-            let annotations = parse_annotations(&annotations)?;
+            let mut annotations = parse_annotations(&annotations)?;
+            if ci_annotations {
+                let ci = ci_env::detect(&ci_env::process_env(), Path::new("."))?;
+                for (k, v) in ci_env::annotations(&ci) {
+                    annotations.entry(k).or_insert(v);
+                }
+            }
             let registry = Arc::new(registry(g)?);
             let client = broker::connect(&socket).await?;
             let result = sign_all(
@@ -251,22 +311,108 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Verify { image, key } => {
             let registry = registry(g)?;
             let img = ImageRef::parse(&image)?;
-            let pem = if Path::new(&key).exists() {
-                std::fs::read_to_string(&key).map_err(|e| Error::Other(format!("{key}: {e}")))?
-            } else {
-                let mut client = broker::connect(&socket).await?;
-                let info = client
-                    .public_key(PublicKeyRequest { key: key.clone() })
-                    .await?
-                    .into_inner()
-                    .key
-                    .unwrap_or_default();
-                info.public_key_pem
-            };
+            let pem = verification_key(&socket, &key).await?;
             let verified = verify_image(&registry, &img, &pem).await?;
             eprintln!("Verification for {img} --\nThe following checks were performed on each of these signatures:\n  - The signatures were verified against the specified public key");
             let payloads: Vec<_> = verified.into_iter().map(|v| v.payload).collect();
             println!("{}", serde_json::Value::from(payloads));
+            if g.stats {
+                eprintln!("registry requests: {}", registry.request_count());
+            }
+            Ok(())
+        }
+        Command::Attest {
+            images,
+            key,
+            predicate,
+            predicate_type,
+            provenance,
+            replace,
+        } => {
+            let (type_uri, body) = if provenance {
+                let ci = ci_env::detect(&ci_env::process_env(), Path::new("."))?;
+                eprintln!(
+                    "provenance: {} build of {} at {}",
+                    ci.system.name(),
+                    ci.repository,
+                    ci.commit
+                );
+                (
+                    SLSA1_PREDICATE_TYPE.to_string(),
+                    keybroker_client::provenance::slsa_v1(&ci, &now_rfc3339()),
+                )
+            } else {
+                let path = predicate.unwrap_or_default();
+                let raw = std::fs::read(&path)
+                    .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+                (
+                    predicate_type_uri(&predicate_type)?,
+                    build_predicate(&predicate_type, &raw, &now_rfc3339())?,
+                )
+            };
+            let registry = registry(g)?;
+            let mut client = broker::connect(&socket).await?;
+            let mut failed = 0usize;
+            for image in &images {
+                match attest_image(
+                    &mut client,
+                    &registry,
+                    image,
+                    &key,
+                    &type_uri,
+                    &body,
+                    replace,
+                )
+                .await
+                {
+                    Ok(a) => {
+                        if a.written {
+                            eprintln!(
+                                "attested {} ({}) with {}",
+                                a.image, a.predicate_type, a.key_id
+                            );
+                        } else {
+                            eprintln!(
+                                "{} already carries this attestation; nothing written",
+                                a.image
+                            );
+                        }
+                        println!("{}", a.image);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{image}: {e}");
+                    }
+                }
+            }
+            if g.stats {
+                eprintln!("registry requests: {}", registry.request_count());
+            }
+            match failed {
+                0 => Ok(()),
+                n => Err(Error::Other(format!(
+                    "{n} of {} images failed to attest",
+                    images.len()
+                ))),
+            }
+        }
+        Command::VerifyAttestation {
+            image,
+            key,
+            predicate_type,
+        } => {
+            let registry = registry(g)?;
+            let img = ImageRef::parse(&image)?;
+            let pem = verification_key(&socket, &key).await?;
+            let want = predicate_type
+                .as_deref()
+                .map(predicate_type_uri)
+                .transpose()?;
+            let statements = verify_attestations(&registry, &img, &pem, want.as_deref()).await?;
+            eprintln!("Verification for {img} --\nThe following checks were performed on each of these attestations:\n  - The DSSE signatures were verified against the specified public key\n  - The statement subject is the image's digest");
+            for st in statements {
+                println!("{st}");
+            }
             if g.stats {
                 eprintln!("registry requests: {}", registry.request_count());
             }
@@ -344,6 +490,23 @@ async fn run(cli: Cli) -> Result<(), Error> {
             ci,
         } => generate_key_pair(reference.as_deref(), &output_key_prefix, force, &ci).await,
     }
+}
+
+/// A PEM file's contents, or the public key of a broker key alias.
+async fn verification_key(socket: &broker::Target, key: &str) -> Result<String, Error> {
+    if Path::new(key).exists() {
+        return std::fs::read_to_string(key).map_err(|e| Error::Other(format!("{key}: {e}")));
+    }
+    let mut client = broker::connect(socket.clone()).await?;
+    Ok(client
+        .public_key(PublicKeyRequest {
+            key: key.to_string(),
+        })
+        .await?
+        .into_inner()
+        .key
+        .unwrap_or_default()
+        .public_key_pem)
 }
 
 fn parse_annotations(raw: &[String]) -> Result<HashMap<String, String>, Error> {

@@ -32,8 +32,7 @@ pub async fn sign_image(
     key: &str,
     annotations: &HashMap<String, String>,
 ) -> Result<Signed, Error> {
-    let img = ImageRef::parse(image)?;
-    let digest = registry.resolve_digest(&img).await?;
+    let (img, digest) = resolve(registry, image).await?;
     let resp = broker
         .sign_image(SignImageRequest {
             key: key.to_string(),
@@ -61,6 +60,14 @@ pub async fn sign_image(
         key_version: info.version,
         written,
     })
+}
+
+/// Parses `image` and resolves its tag to the manifest digest (a digest in the
+/// reference is used as is), so what is signed or attested is one fixed manifest.
+pub async fn resolve(registry: &Registry, image: &str) -> Result<(ImageRef, String), Error> {
+    let img = ImageRef::parse(image)?;
+    let digest = registry.resolve_digest(&img).await?;
+    Ok((img, digest))
 }
 
 /// Refuses to publish what would not verify: a payload for another digest, or a
