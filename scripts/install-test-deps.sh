@@ -2,10 +2,11 @@
 # Installs what the test suite needs on a fresh Debian machine (as root):
 # the real OCI registry (distribution 2.8), htpasswd for its basic auth, curl,
 # openssl (test CAs); for the deploy tests (scripts/deploy-test.sh) systemd's
-# tools (systemd-analyze, systemd-socket-activate), podman + runc, binutils.
+# tools (systemd-analyze, systemd-socket-activate), podman + runc, binutils;
+# git (provenance from a git checkout), util-linux (setpriv, mount).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-need=(docker-registry apache2-utils curl openssl systemd podman runc binutils)
+need=(docker-registry apache2-utils curl openssl systemd podman runc binutils git util-linux)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -36,4 +37,21 @@ fi
 if ! python3 -c 'import nacl.public' >/dev/null 2>&1; then
   echo "install-test-deps: pip install pynacl"
   python3 -m pip install -q --disable-pip-version-check pynacl
+fi
+# Independent DSSE verifier for the attestation tests (tests/dsse/verify_envelope.py).
+if ! python3 -c 'import securesystemslib.dsse, cryptography' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install securesystemslib[crypto]"
+  python3 -m pip install -q --disable-pip-version-check 'securesystemslib[crypto]==1.6.0'
+fi
+# kmock stands in for the Kubernetes API (tests/k8s/kmock_server.py patches it
+# through its internals, hence the pin).
+if ! python3 -c 'import kmock' >/dev/null 2>&1 || [ "$(python3 -c 'import importlib.metadata as m; print(m.version("kmock"))')" != 0.8 ]; then
+  echo "install-test-deps: pip install kmock==0.8"
+  python3 -m pip install -q --disable-pip-version-check 'kmock==0.8'
+fi
+# The fake Google Cloud KMS (tests/fakes/gcp_kms.py) speaks gRPC with Google's
+# own generated message classes.
+if ! python3 -c 'import grpc, google.cloud.kms_v1, cryptography' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install grpcio google-cloud-kms cryptography"
+  python3 -m pip install -q --disable-pip-version-check grpcio google-cloud-kms cryptography
 fi

@@ -13,6 +13,8 @@ cleanup() {
   scripts/registry.sh stop "$state" || true
   scripts/openbao.sh stop "$state" || true
   scripts/moto.sh stop "$state" || true
+  scripts/kmock.sh stop "$state" || true
+  scripts/gcpkms.sh stop "$state" || true
   rm -rf "$state"
 }
 trap cleanup EXIT
@@ -30,7 +32,7 @@ CARGO_TARGET_DIR=target/static RUSTFLAGS='-C target-feature=+crt-static' \
 
 # The client links no cloud SDK even when the workspace build unifies the
 # daemon's provider features (ARCHITECTURE.md).
-if nm -C target/debug/keybroker | grep -qE 'vaultrs::|aws_sdk_kms::'; then
+if nm -C target/debug/keybroker | grep -qE 'vaultrs::|aws_sdk_kms::|gcp_kms::'; then
   echo "keybroker (client) links a cloud SDK" >&2; exit 1
 fi
 
@@ -38,6 +40,8 @@ echo "== servers"
 scripts/registry.sh start "$state"
 scripts/openbao.sh start "$state"
 scripts/moto.sh start "$state"
+scripts/kmock.sh start "$state"
+scripts/gcpkms.sh start "$state"
 # shellcheck disable=SC1091
 source "$state/registry.env"
 # shellcheck disable=SC1091
@@ -45,7 +49,12 @@ source "$state/openbao.env"
 # shellcheck disable=SC1091
 source "$state/moto.env"
 export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_AUTH_REGISTRY KEYBROKER_TEST_AUTH_USER KEYBROKER_TEST_AUTH_PASSWORD
+# shellcheck disable=SC1091
+source "$state/kmock.env"
+# shellcheck disable=SC1091
+source "$state/gcpkms.env"
 export KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN KEYBROKER_TEST_AWS_ENDPOINT
+export KEYBROKER_TEST_KUBE_API KEYBROKER_TEST_KUBECONFIG
 
 echo "== the API fakes' own self-test (GitHub, GitLab)"
 python3 tests/fakes/test_fakes.py

@@ -83,7 +83,7 @@ pub fn validate_predicate_type(t: &str) -> Result<(), String> {
 }
 
 /// Parses the caller's predicate: a JSON object of bounded size.
-pub fn parse_predicate(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+pub fn parse_predicate(bytes: &[u8]) -> Result<Value, String> {
     if bytes.len() > MAX_PREDICATE_BYTES {
         return Err(format!(
             "predicate is {} bytes, over the {MAX_PREDICATE_BYTES}-byte limit",
@@ -91,9 +91,10 @@ pub fn parse_predicate(bytes: &[u8]) -> Result<Map<String, Value>, String> {
         ));
     }
     match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(m)) => Ok(m),
+        // A string is what cosign's `--type spdx` makes of a non-JSON SPDX document.
+        Ok(v @ (Value::Object(_) | Value::String(_))) => Ok(v),
         Ok(other) => Err(format!(
-            "predicate must be a JSON object, not {}",
+            "predicate must be a JSON object (or a string), not {}",
             kind_of(&other)
         )),
         Err(e) => Err(format!("predicate is not JSON: {e}")),
@@ -244,7 +245,7 @@ struct Statement<'a> {
     subject: [Subject<'a>; 1],
     #[serde(rename = "predicateType")]
     predicate_type: &'a str,
-    predicate: &'a Map<String, Value>,
+    predicate: &'a Value,
 }
 
 #[derive(Serialize)]
@@ -264,7 +265,7 @@ pub fn statement(
     repository: &str,
     manifest_digest: &str,
     predicate_type: &str,
-    predicate: &Map<String, Value>,
+    predicate: &Value,
 ) -> Vec<u8> {
     let hex = manifest_digest
         .strip_prefix("sha256:")
@@ -355,9 +356,14 @@ mod tests {
     }
 
     #[test]
-    fn predicates_must_be_objects() {
+    fn predicates_must_be_objects_or_strings() {
         assert!(parse_predicate(b"{}").is_ok());
-        for bad in [&b"[]"[..], b"\"x\"", b"1", b"null", b"{", b"{} {}", b""] {
+        // cosign's `--type spdx` stores a non-JSON SPDX document as a string.
+        assert_eq!(
+            parse_predicate(b"\"SPDXVersion: SPDX-2.3\"").unwrap(),
+            Value::String("SPDXVersion: SPDX-2.3".into())
+        );
+        for bad in [&b"[]"[..], b"1", b"null", b"{", b"{} {}", b""] {
             assert!(
                 parse_predicate(bad).is_err(),
                 "{:?}",
@@ -404,7 +410,7 @@ mod tests {
 
         let mut p = claimed();
         let auth = authenticated_builder(&unix(), Some(&token));
-        let d = apply_builder(&mut p, auth, "unix:uid=1001,gid=1001").unwrap();
+        let d = apply_builder(p.as_object_mut().unwrap(), auth, "unix:uid=1001,gid=1001").unwrap();
         assert_eq!(d.source, BuilderSource::Oidc);
         let b = &p["runDetails"]["builder"];
         assert_eq!(
@@ -419,7 +425,7 @@ mod tests {
 
         let mut p = claimed();
         let auth = authenticated_builder(&cert, None);
-        apply_builder(&mut p, auth, &cert.payload_identity()).unwrap();
+        apply_builder(p.as_object_mut().unwrap(), auth, &cert.payload_identity()).unwrap();
         let b = &p["runDetails"]["builder"];
         assert_eq!(b["id"], "spiffe://example.org/ci/builder");
         assert_eq!(b["version"][BUILDER_ID_SOURCE], "authenticated:x509");
@@ -427,7 +433,7 @@ mod tests {
         // A local uid is recorded but does not replace the claim.
         let mut p = claimed();
         let d = apply_builder(
-            &mut p,
+            p.as_object_mut().unwrap(),
             authenticated_builder(&unix(), None),
             "unix:uid=1001,gid=1001",
         )
@@ -457,7 +463,10 @@ mod tests {
             r#"{"runDetails":{"builder":{"version":{"keybroker.dev/builder-id-source":"authenticated:oidc"}}}}"#,
         ] {
             let mut p = parse_predicate(bad.as_bytes()).unwrap();
-            assert!(apply_builder(&mut p, None, "x").is_err(), "{bad}");
+            assert!(
+                apply_builder(p.as_object_mut().unwrap(), None, "x").is_err(),
+                "{bad}"
+            );
         }
     }
 }

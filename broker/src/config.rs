@@ -127,6 +127,29 @@ pub struct KeyConfig {
     /// GitLab settings for `gitlab://` keys.
     #[serde(default)]
     pub gitlab: Option<GitLabKeyConfig>,
+    /// Kubernetes settings for `k8s://` keys.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesKeyConfig>,
+    /// Google Cloud KMS settings for `gcpkms://` keys.
+    #[serde(default)]
+    pub gcp: Option<GcpKeyConfig>,
+}
+
+/// `[keys.NAME.gcp]`: where Cloud KMS is and whose credentials to use. Unset:
+/// `KEYBROKER_GCP_KMS_ENDPOINT` (else cloudkms.googleapis.com) and Application
+/// Default Credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcpKeyConfig {
+    /// gRPC endpoint URL (`http://` only to loopback).
+    pub endpoint: Option<String>,
+    /// Service-account (or authorized_user) JSON file; overrides ADC.
+    pub credentials_file: Option<PathBuf>,
+    /// Per-request timeout in milliseconds (default 10000).
+    pub timeout_ms: Option<u64>,
+    /// Seconds an unpinned key's newest version is used before it is looked up
+    /// again (default 300).
+    pub version_ttl_secs: Option<u64>,
 }
 
 /// `[keys.NAME.gitlab]`: where the CI/CD variables live. Unset fields fall back
@@ -144,6 +167,17 @@ pub struct GitLabKeyConfig {
     pub cache_ttl_secs: Option<u64>,
     /// Per-request timeout in milliseconds (default 10000).
     pub timeout_ms: Option<u64>,
+}
+
+/// `[keys.NAME.kubernetes]`: which cluster holds the secret. Unset: kube's
+/// inference (`KUBECONFIG`, `~/.kube/config`, then the pod's service account).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesKeyConfig {
+    /// A kubeconfig file.
+    pub kubeconfig: Option<PathBuf>,
+    /// A context of the kubeconfig other than its current one.
+    pub context: Option<String>,
 }
 
 /// `[keys.NAME.vault]`: where the transit key lives. Unset fields fall back to
@@ -207,6 +241,8 @@ impl std::fmt::Debug for KeyConfig {
             .field("password_file", &self.password_file)
             .field("vault", &self.vault)
             .field("gitlab", &self.gitlab)
+            .field("kubernetes", &self.kubernetes)
+            .field("gcp", &self.gcp)
             .finish()
     }
 }
@@ -267,6 +303,22 @@ impl Config {
             if is_gitlab && (key.password_env.is_some() || key.password_file.is_some()) {
                 return Err(format!(
                     "[keys.{alias}]: a gitlab:// key's password is its COSIGN_PASSWORD CI/CD variable; remove password_env / password_file"
+                ));
+            }
+            if key.gcp.is_some() && !key.reference.starts_with("gcpkms://") {
+                return Err(format!(
+                    "[keys.{alias}]: a [keys.{alias}.gcp] section needs a gcpkms:// ref"
+                ));
+            }
+            let is_k8s = key.reference.starts_with("k8s://");
+            if key.kubernetes.is_some() && !is_k8s {
+                return Err(format!(
+                    "[keys.{alias}]: a [keys.{alias}.kubernetes] section needs a k8s:// ref"
+                ));
+            }
+            if is_k8s && (key.password_env.is_some() || key.password_file.is_some()) {
+                return Err(format!(
+                    "[keys.{alias}]: a k8s:// key's password is the secret's cosign.password; remove password_env / password_file"
                 ));
             }
             if let Some(g) = &key.gitlab {
@@ -363,6 +415,8 @@ impl Config {
                 public_key_file: None,
                 vault: None,
                 gitlab: None,
+                kubernetes: None,
+                gcp: None,
             },
         );
         Config {
@@ -462,6 +516,43 @@ mod tests {
             ("[keys.a]\nref=\"/k.key\"\n[keys.a.gitlab]\nhost=\"h\"", "gitlab:// ref"),
             ("[keys.a]\nref=\"gitlab://g/p\"\npassword_env=\"P\"", "COSIGN_PASSWORD"),
             ("[keys.a]\nref=\"gitlab://g/p\"\n[keys.a.gitlab]\ntoken_env=\"A\"\ntoken_file=\"/b\"", "not both"),
+        ] {
+            let err = Config::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_key_section() {
+        let c = Config::parse(
+            r#"
+            [keys.k]
+            ref = "k8s://signing/cosign"
+            [keys.k.kubernetes]
+            kubeconfig = "/etc/keybroker/kubeconfig"
+            context = "prod"
+            "#,
+        )
+        .unwrap();
+        let k = c.keys["k"].kubernetes.as_ref().unwrap();
+        assert_eq!(
+            k.kubeconfig.as_deref(),
+            Some(Path::new("/etc/keybroker/kubeconfig"))
+        );
+        assert_eq!(k.context.as_deref(), Some("prod"));
+        for (bad, why) in [
+            (
+                "[keys.a]\nref=\"k8s://n/s\"\n[keys.a.kubernetes]\ntoken=\"x\"",
+                "token",
+            ),
+            (
+                "[keys.a]\nref=\"/k.key\"\n[keys.a.kubernetes]\ncontext=\"c\"",
+                "k8s:// ref",
+            ),
+            (
+                "[keys.a]\nref=\"k8s://n/s\"\npassword_env=\"P\"",
+                "cosign.password",
+            ),
         ] {
             let err = Config::parse(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

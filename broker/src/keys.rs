@@ -79,6 +79,10 @@ pub async fn open_all(
             vault: vault_options(alias, kc)?,
             #[cfg(feature = "gitlab")]
             gitlab: gitlab_options(alias, kc)?,
+            #[cfg(feature = "kubernetes")]
+            kubernetes: kubernetes_options(kc),
+            #[cfg(feature = "gcp")]
+            gcp: gcp_options(kc),
         };
         let mut provider = open(&key_ref, &options)
             .await
@@ -222,6 +226,27 @@ fn gitlab_options(
         cache_ttl: g.cache_ttl_secs.map(std::time::Duration::from_secs),
         timeout: g.timeout_ms.map(std::time::Duration::from_millis),
     })
+}
+
+#[cfg(feature = "kubernetes")]
+fn kubernetes_options(kc: &KeyConfig) -> keybroker_providers::kubernetes::KubernetesOptions {
+    let k = kc.kubernetes.clone().unwrap_or_default();
+    keybroker_providers::kubernetes::KubernetesOptions {
+        kubeconfig: k.kubeconfig,
+        context: k.context,
+        ..Default::default()
+    }
+}
+
+#[cfg(feature = "gcp")]
+fn gcp_options(kc: &KeyConfig) -> keybroker_providers::gcp_kms::GcpOptions {
+    let g = kc.gcp.clone().unwrap_or_default();
+    keybroker_providers::gcp_kms::GcpOptions {
+        endpoint: g.endpoint,
+        credentials_file: g.credentials_file,
+        timeout: g.timeout_ms.map(std::time::Duration::from_millis),
+        version_ttl: g.version_ttl_secs.map(std::time::Duration::from_secs),
+    }
 }
 
 /// `password_env`, else `password_file`, else `COSIGN_PASSWORD` if set (as cosign).

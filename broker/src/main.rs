@@ -30,8 +30,9 @@ struct Args {
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
     /// Create this key in its backend (awskms://…/alias/NAME, hashivault://NAME,
-    /// openbao://NAME), print its public key (PEM) and exit. Uses the same
-    /// credentials the daemon would (AWS chain; VAULT_ADDR, VAULT_TOKEN).
+    /// openbao://NAME, gcpkms://…/keyRings/R/cryptoKeys/NAME), print its public
+    /// key (PEM) and exit. Uses the same credentials the daemon would (AWS chain;
+    /// VAULT_ADDR, VAULT_TOKEN; Google Application Default Credentials).
     #[arg(long, value_name = "REF", conflicts_with_all = ["config", "check_config"])]
     create_key: Option<String>,
     /// Override the socket path of the config.

@@ -298,9 +298,7 @@ fn validate_sign_image(
 }
 
 /// The checks of an AttestImage request that need no policy; the predicate object.
-fn validate_attest_image(
-    r: &AttestImageRequest,
-) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+fn validate_attest_image(r: &AttestImageRequest) -> Result<serde_json::Value, String> {
     payload::validate_docker_reference(&r.docker_reference)?;
     payload::validate_manifest_digest(&r.manifest_digest)?;
     attest::validate_predicate_type(&r.predicate_type)?;
@@ -595,11 +593,11 @@ impl KeyBroker for BrokerService {
         };
         if r.predicate_type == attest::SLSA_PROVENANCE_V1 {
             let authenticated = attest::authenticated_builder(&call.caller, call.token.as_ref());
-            match attest::apply_builder(
-                &mut predicate,
-                authenticated,
-                &call.caller.payload_identity(),
-            ) {
+            let Some(fields) = predicate.as_object_mut() else {
+                let m = "a SLSA provenance predicate must be a JSON object";
+                return Err(call.invalid(Status::invalid_argument(m)).await);
+            };
+            match attest::apply_builder(fields, authenticated, &call.caller.payload_identity()) {
                 Ok(d) => {
                     call.audit.set("builder_id", d.id);
                     call.audit.set("builder_id_source", d.source.as_str());

@@ -1,8 +1,8 @@
 //! AttestImage on the real keybrokerd: the broker builds the in-toto statement
 //! around the caller's predicate, signs the DSSE PAE, and answers with the
 //! envelope; image policy applies (annotation requirements do not: an
-//! attestation has none), a predicate that is not a JSON object is
-//! INVALID_ARGUMENT, and for SLSA Provenance v1 the builder id comes from an
+//! attestation has none), a predicate that is not a JSON object (or a string,
+//! as cosign's `--type spdx` makes) is INVALID_ARGUMENT, and for SLSA Provenance v1 the builder id comes from an
 //! authenticated identity (here a verified OIDC token), the client's claim
 //! being kept beside it. Every decision lands in the audit log with the caller.
 
@@ -200,7 +200,7 @@ async fn attestations_are_built_signed_policed_and_audited() {
     // Bad requests: not an object, not JSON, no URI, a bad digest, forged keys.
     for (pt, pred) in [
         ("https://example.com/test/v1", "[1,2]"),
-        ("https://example.com/test/v1", "\"text\""),
+        (SLSA1, "\"a SLSA predicate that is a string\""),
         ("https://example.com/test/v1", "{not json"),
         ("https://example.com/test/v1", ""),
         ("slsaprovenance1", "{}"),

@@ -166,6 +166,9 @@ async fn a_dead_backend_fails_fast_leaves_other_keys_alone_and_recovers() {
     // OpenBao goes away. 8 callers keep signing with v for 4 s; one keeps
     // signing with the file key f.
     down.store(true, Ordering::SeqCst);
+    // The proxy cuts open connections within 20 ms; wait that out, so no call
+    // below can still ride a connection from before.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let until = Instant::now() + Duration::from_secs(4);
     let mut v_tasks = Vec::new();
     for t in 0..8u8 {

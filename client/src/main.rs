@@ -191,6 +191,9 @@ enum Command {
     /// COSIGN_PRIVATE_KEY, COSIGN_PASSWORD and COSIGN_PUBLIC_KEY as CI/CD
     /// variables / Actions secrets (on GitHub also the variable
     /// COSIGN_PUBLIC_KEY) and writes cosign.pub; --force replaces a stored pair.
+    /// With k8s://NAMESPACE/SECRET (KUBECONFIG, ~/.kube/config or in-cluster):
+    /// stores cosign.key, cosign.password and cosign.pub in the secret, creating
+    /// it or keeping its other data keys, immutable where the cluster supports it.
     GenerateKeyPair {
         /// Where to create the key: omitted for files in the current directory
         reference: Option<String>,
@@ -650,9 +653,28 @@ async fn generate_key_pair(
             KeyRef::AwsKms { .. } => Err(Error::Other(format!(
                 "creating KMS keys needs the AWS SDK, which this client does not link: run `keybrokerd --create-key {r} > {prefix}.pub` where the daemon's AWS credentials are"
             ))),
+            KeyRef::Kubernetes { namespace, name } => {
+                let pub_path = PathBuf::from(format!("{prefix}.pub"));
+                if pub_path.exists() && !force {
+                    return Err(Error::Other(format!("{} already exists; pass --force to overwrite it", pub_path.display())));
+                }
+                let password = password_for_new_key()?;
+                let made = keybroker_providers::kubernetes::create_secret(namespace, name, &password, force, &Default::default()).await?;
+                write_public(&pub_path, &made.public_pem)?;
+                eprintln!(
+                    "{} secret {name} in namespace {namespace} ({}, {}, {}{})\nPublic key written to {}",
+                    if made.updated { "Updated" } else { "Created" },
+                    keybroker_providers::kubernetes::data_keys::PRIVATE_KEY,
+                    keybroker_providers::kubernetes::data_keys::PASSWORD,
+                    keybroker_providers::kubernetes::data_keys::PUBLIC_KEY,
+                    if made.immutable { "; immutable" } else { "" },
+                    pub_path.display()
+                );
+                Ok(())
+            }
             other => Err(Error::Key(keybroker_providers::Error::NotBuilt {
                 scheme: other.scheme(),
-                hint: " for generate-key-pair yet (built: file keys, hashivault://, openbao://, gitlab://, github://)".into(),
+                hint: " for generate-key-pair yet (built: file keys, hashivault://, openbao://, gitlab://, github://, k8s://)".into(),
             })),
         };
     }

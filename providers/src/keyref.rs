@@ -34,7 +34,7 @@ pub const SCHEMES: &[Scheme] = &[
     Scheme {
         name: "k8s",
         feature: Some("kubernetes"),
-        built: false,
+        built: cfg!(feature = "kubernetes"),
         example: "k8s://NAMESPACE/SECRET",
     },
     Scheme {
@@ -46,19 +46,19 @@ pub const SCHEMES: &[Scheme] = &[
     Scheme {
         name: "gcpkms",
         feature: Some("gcp"),
-        built: false,
+        built: cfg!(feature = "gcp"),
         example: "gcpkms://projects/P/locations/L/keyRings/R/cryptoKeys/K",
     },
     Scheme {
         name: "hashivault",
         feature: Some("vault"),
-        built: false,
+        built: cfg!(feature = "vault"),
         example: "hashivault://KEY",
     },
     Scheme {
         name: "openbao",
         feature: Some("vault"),
-        built: false,
+        built: cfg!(feature = "vault"),
         example: "openbao://KEY",
     },
     Scheme {

@@ -15,13 +15,19 @@ pub mod ecdsa;
 mod env;
 mod error;
 mod file;
+#[cfg(feature = "gcp")]
+pub mod gcp_kms;
 #[cfg(feature = "github")]
 pub mod github;
 #[cfg(feature = "gitlab")]
 pub mod gitlab;
 pub mod keyref;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod pem;
-#[cfg(any(feature = "gitlab", feature = "github"))]
+#[cfg(any(feature = "gitlab", feature = "github", feature = "gcp"))]
+// gcp alone uses only part of it.
+#[cfg_attr(not(any(feature = "gitlab", feature = "github")), allow(dead_code))]
 mod rest;
 #[cfg(feature = "vault")]
 pub mod vault;
@@ -153,12 +159,23 @@ pub struct OpenOptions {
     /// GitLab connection (defaults from `GITLAB_HOST`, `GITLAB_TOKEN`).
     #[cfg(feature = "gitlab")]
     pub gitlab: gitlab::GitLabOptions,
+    /// Google Cloud KMS endpoint and credentials (defaults: ADC, cloudkms.googleapis.com).
+    #[cfg(feature = "gcp")]
+    pub gcp: gcp_kms::GcpOptions,
+    /// Kubernetes connection (default: kube's inference, KUBECONFIG or in-cluster).
+    #[cfg(feature = "kubernetes")]
+    pub kubernetes: kubernetes::KubernetesOptions,
 }
 
 /// What every remote key source gets: a circuit breaker around retries with
 /// jittered backoff around a public-key cache (5 minutes, one fetch in flight
 /// per key).
-#[cfg(any(feature = "vault", feature = "aws", feature = "gitlab"))]
+#[cfg(any(
+    feature = "vault",
+    feature = "aws",
+    feature = "gitlab",
+    feature = "gcp"
+))]
 fn remote(provider: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
     let cached = Arc::new(wrap::CachedPublicKey::new(
         provider,
@@ -202,10 +219,12 @@ pub async fn create_key(key_ref: &KeyRef, options: &OpenOptions) -> Result<Publi
             key.create().await?;
             key.public_key().await
         }
+        #[cfg(feature = "gcp")]
+        KeyRef::GcpKms { resource } => gcp_kms::GcpKmsKey::create(resource, &options.gcp).await,
         other => {
             let _ = options;
             Err(Error::Unsupported(format!(
-                "creating {}:// keys here (files, gitlab:// and github://: keybroker generate-key-pair)",
+                "creating {}:// keys here (files, gitlab://, github:// and k8s://: keybroker generate-key-pair)",
                 other.scheme()
             )))
         }
@@ -242,8 +261,21 @@ pub async fn open(key_ref: &KeyRef, options: &OpenOptions) -> Result<Arc<dyn Key
             let key = gitlab::GitLabKey::open(path, &options.gitlab)?;
             Ok(remote(Arc::new(key)))
         }
+        #[cfg(feature = "gcp")]
+        KeyRef::GcpKms { resource } => {
+            let key = gcp_kms::GcpKmsKey::open(resource, &options.gcp)?;
+            Ok(remote(Arc::new(key)))
+        }
+        // Answered from memory and kept current by a watch, so neither the
+        // public-key cache (a rotation must show at once) nor retries apply.
+        #[cfg(feature = "kubernetes")]
+        KeyRef::Kubernetes { namespace, name } => Ok(Arc::new(
+            kubernetes::KubernetesKey::open(namespace, name, &options.kubernetes).await?,
+        )),
         // Whatever the features: GitHub never gives a secret back.
         KeyRef::GitHub { .. } => Err(github_is_no_signing_source(key_ref)),
+        // Reached only for a scheme whose feature is off.
+        #[allow(unreachable_patterns)]
         other => {
             let scheme = other.scheme();
             let hint = SCHEMES
