@@ -406,6 +406,40 @@ mod tests {
         assert!(CallerMatcher::parse("spiffe://x").is_err());
     }
 
+    /// The reference the glob is checked against: `**` is any run of
+    /// characters, `*` any run without `/`, everything else itself (a regex).
+    fn reference_regex(pat: &str) -> regex::Regex {
+        let mut re = String::from("^");
+        let mut rest = pat;
+        while !rest.is_empty() {
+            if let Some(r) = rest.strip_prefix("**") {
+                re.push_str(".*");
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix('*') {
+                re.push_str("[^/]*");
+                rest = r;
+            } else {
+                let c = rest.chars().next().unwrap();
+                re.push_str(&regex::escape(&c.to_string()));
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        re.push('$');
+        regex::Regex::new(&re).unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn glob_matches_its_reference(pat in "[ab/*.]{0,10}", s in "[ab/.]{0,12}") {
+            proptest::prop_assert_eq!(
+                glob_match(pat.as_bytes(), s.as_bytes()),
+                reference_regex(&pat).is_match(&s),
+                "pattern {:?} on {:?}", pat, s
+            );
+        }
+    }
+
     #[test]
     fn globs_respect_path_segments() {
         assert!(glob_match(
