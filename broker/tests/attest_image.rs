@@ -6,14 +6,16 @@
 //! authenticated identity (here a verified OIDC token), the client's claim
 //! being kept beside it. Every decision lands in the audit log with the caller.
 
+mod common;
+
+use common::{client, Daemon};
+
 use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{jwk::JwkSet, Algorithm, EncodingKey, Header};
 use keybroker_proto::v1::AttestImageRequest;
 use keybroker_providers::{ecdsa::verify_digest, Sha256Digest};
@@ -21,15 +23,6 @@ use tonic::{transport::Endpoint, Code, Request};
 
 const ISS: &str = "https://token.actions.test";
 const SLSA1: &str = "https://slsa.dev/provenance/v1";
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn signing_key() -> (EncodingKey, jsonwebtoken::jwk::Jwk) {
     let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
@@ -51,26 +44,6 @@ fn token(key: &EncodingKey) -> String {
         "exp": now + 300, "iat": now - 10,
     });
     jsonwebtoken::encode(&h, &claims, key).unwrap()
-}
-
-async fn client(socket: &Path) -> keybroker_proto::Client {
-    let p = socket.to_path_buf();
-    for _ in 0..500 {
-        if tokio::net::UnixStream::connect(&p).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ch = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    keybroker_proto::client(ch)
 }
 
 fn req(

@@ -5,24 +5,17 @@
 //! "Disk full" is real here: the log lives on a small tmpfs mounted for the
 //! test (root is needed; CI runs as root) and filled with a filler file.
 
+mod common;
+
+use common::{client, Daemon};
+
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
+    process::{Command, Stdio},
 };
 
-use hyper_util::rt::TokioIo;
 use keybroker_proto::v1::SignRequest;
-use tonic::{transport::Endpoint, Code};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use tonic::Code;
 
 /// A tmpfs of `size` at `dir`, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -58,26 +51,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-async fn client(socket: &Path) -> keybroker_proto::Client {
-    let p = socket.to_path_buf();
-    for _ in 0..500 {
-        if tokio::net::UnixStream::connect(&p).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ch = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    keybroker_proto::client(ch)
 }
 
 /// Fills the file system at `dir` until it refuses another byte.

@@ -3,9 +3,12 @@
 //! circuit breaker is open, while another key goes on signing unaffected; when
 //! the backend returns, the key works again without a restart.
 
+mod common;
+
+use common::{client, test_env, Daemon};
+
 use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -13,32 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper_util::rt::TokioIo;
 use keybroker_proto::v1::SignRequest;
-use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tonic::{transport::Endpoint, Code};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn test_env(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{name} not set: run through scripts/test.sh")
-        }
-        _ => {
-            eprintln!("SKIPPED: {name} not set (run scripts/test.sh)");
-            None
-        }
-    }
-}
+use tokio::net::{TcpListener, TcpStream};
+use tonic::Code;
 
 /// A TCP proxy to `upstream` that can be cut: while down it closes every
 /// connection, open ones included.
@@ -73,24 +53,6 @@ async fn proxy(upstream: String, down: Arc<AtomicBool>) -> u16 {
         }
     });
     port
-}
-
-async fn client(socket: &Path) -> keybroker_proto::Client {
-    let p = socket.to_path_buf();
-    for _ in 0..500 {
-        if UnixStream::connect(&p).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ch = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .unwrap();
-    keybroker_proto::client(ch)
 }
 
 fn req(key: &str, n: u8) -> SignRequest {

@@ -4,27 +4,20 @@
 //! or an unknown issuer are UNAUTHENTICATED; no token where a rule needs one is
 //! PERMISSION_DENIED naming the claims family.
 
+mod common;
+
+use common::{client, Daemon};
+
 use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    process::{Command, Stdio},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{jwk::JwkSet, Algorithm, EncodingKey, Header};
 use keybroker_proto::v1::{SignImageRequest, SignRequest};
-use tonic::{transport::Endpoint, Code, Request};
+use tonic::{Code, Request};
 
 const ISS: &str = "https://token.actions.test";
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn signing_key() -> (EncodingKey, jsonwebtoken::jwk::Jwk) {
     let (_, der) = keybroker_providers::P256Signer::generate().unwrap();
@@ -48,26 +41,6 @@ fn token(key: &EncodingKey, iss: &str, aud: &str, exp_in: i64, repo: &str) -> St
         "repository": repo, "ref": "refs/heads/main", "run_id": 42,
     });
     jsonwebtoken::encode(&h, &claims, key).unwrap()
-}
-
-async fn client(socket: &Path) -> keybroker_proto::Client {
-    let p = socket.to_path_buf();
-    for _ in 0..500 {
-        if tokio::net::UnixStream::connect(&p).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ch = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    keybroker_proto::client(ch)
 }
 
 fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {

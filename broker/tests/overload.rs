@@ -5,57 +5,18 @@
 //! fairness: the noisy caller holds at most its own share). Figures printed
 //! for docs/RELIABILITY.md. Needs root for the second user (it is, here and in CI).
 
+mod common;
+
+use common::{client, test_env, Daemon};
+
 use std::{
     os::unix::fs::PermissionsExt,
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use hyper_util::rt::TokioIo;
 use keybroker_proto::v1::SignRequest;
-use tokio::net::UnixStream;
-use tonic::{transport::Endpoint, Code};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn test_env(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{name} not set: run through scripts/test.sh")
-        }
-        _ => {
-            eprintln!("SKIPPED: {name} not set (run scripts/test.sh)");
-            None
-        }
-    }
-}
-
-async fn client(socket: &Path) -> keybroker_proto::Client {
-    let p = socket.to_path_buf();
-    for _ in 0..500 {
-        if UnixStream::connect(&p).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ch = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .unwrap();
-    keybroker_proto::client(ch)
-}
+use tonic::Code;
 
 fn pct(v: &mut [Duration], q: f64) -> Duration {
     if v.is_empty() {

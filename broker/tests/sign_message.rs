@@ -4,44 +4,22 @@
 //! anything else is raw signing, refused unless the key allows raw digests,
 //! and the refusal says so. The signature is over SHA-256(message), as given.
 
+mod common;
+
+use common::Daemon;
+
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
+    process::{Command, Stdio},
 };
 
-use hyper_util::rt::TokioIo;
 use keybroker_proto::v1::SignMessageRequest;
 use keybroker_providers::{ecdsa::verify_digest, Sha256Digest};
-use tonic::{transport::Endpoint, Code};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use tonic::Code;
 
 async fn client(socket: &Path) -> keybroker_proto::Client {
-    let p = socket.to_path_buf();
-    for _ in 0..500 {
-        if tokio::net::UnixStream::connect(&p).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ch = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
+    common::client(socket)
         .await
-        .unwrap();
-    keybroker_proto::client(ch)
         .max_decoding_message_size(4 << 20)
         .max_encoding_message_size(4 << 20)
 }
