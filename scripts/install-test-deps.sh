@@ -55,3 +55,22 @@ if ! python3 -c 'import grpc, google.cloud.kms_v1, cryptography' >/dev/null 2>&1
   echo "install-test-deps: pip install grpcio google-cloud-kms cryptography"
   python3 -m pip install -q --disable-pip-version-check grpcio google-cloud-kms cryptography
 fi
+# sigstore-js (@sigstore/verify) checks keybroker's Sigstore bundles independently
+# (tests/sigstore-js/verify.mjs); tests/sigstore-js/package-lock.json pins it.
+# @sigstore/verify 3.1.1 needs Node ^20.17.0 || >=22.9.0 (Debian 13's nodejs,
+# or NodeSource's on Debian 12, whose own nodejs is 18).
+if ! command -v node >/dev/null 2>&1; then
+  echo "install-test-deps: apt-get install nodejs npm"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+elif ! command -v npm >/dev/null 2>&1; then
+  echo "install-test-deps: apt-get install npm"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a >= 23 || (a === 22 && b >= 9) || (a === 20 && b >= 17) ? 0 : 1)'; then
+  echo "install-test-deps: node $(node --version) is too old for @sigstore/verify (needs ^20.17.0 || >=22.9.0)" >&2
+  exit 1
+fi
+echo "install-test-deps: npm ci tests/sigstore-js"
+npm ci --prefix "$(dirname "$0")/../tests/sigstore-js" --no-audit --no-fund --ignore-scripts --loglevel=error

@@ -59,6 +59,9 @@ export KEYBROKER_TEST_KUBE_API KEYBROKER_TEST_KUBECONFIG
 echo "== the API fakes' own self-test (GitHub, GitLab)"
 python3 tests/fakes/test_fakes.py
 
+echo "== the sigstore-js bundle verifier's own self-test"
+node tests/sigstore-js/selftest.mjs
+
 echo "== tests"
 # CI=true makes tests that need a server fail (not skip) when it is missing.
 CI=true cargo test --workspace --locked

@@ -20,6 +20,8 @@
 //!   DSSE reader accepts both, and Python's securesystemslib needs `keyid`
 //!   present, so it is kept.
 
+use std::collections::BTreeMap;
+
 use base64::{engine::general_purpose::STANDARD, Engine};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -284,6 +286,42 @@ pub fn statement(
 }
 
 #[derive(Serialize)]
+struct SignStatement<'a> {
+    #[serde(rename = "_type")]
+    kind: &'static str,
+    subject: [SignSubject<'a>; 1],
+    #[serde(rename = "predicateType")]
+    predicate_type: &'static str,
+    predicate: Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct SignSubject<'a> {
+    digest: Digest<'a>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
+}
+
+/// cosign v3's image-signature statement (`cosign sign` in the bundle format):
+/// in-toto Statement v1, one subject with the digest and the annotations and no
+/// name, predicate type `https://sigstore.dev/cosign/sign/v1`, empty predicate.
+pub fn sign_statement(manifest_digest: &str, annotations: &BTreeMap<String, String>) -> Vec<u8> {
+    let hex = manifest_digest
+        .strip_prefix("sha256:")
+        .unwrap_or(manifest_digest);
+    let s = SignStatement {
+        kind: STATEMENT_V1,
+        subject: [SignSubject {
+            digest: Digest { sha256: hex },
+            annotations,
+        }],
+        predicate_type: crate::message::COSIGN_SIGN_V1,
+        predicate: Map::new(),
+    };
+    serde_json::to_vec(&s).unwrap_or_default()
+}
+
+#[derive(Serialize)]
 struct Envelope {
     #[serde(rename = "payloadType")]
     payload_type: &'static str,
@@ -315,6 +353,31 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn sign_statement_is_cosign_v3s_and_the_recognizer_reads_it_back() {
+        let a = BTreeMap::from([("commit".to_string(), "abc".to_string())]);
+        let s = sign_statement(D, &a);
+        assert_eq!(
+            String::from_utf8(s.clone()).unwrap(),
+            format!(
+                r#"{{"_type":"https://in-toto.io/Statement/v1","subject":[{{"digest":{{"sha256":"{}"}},"annotations":{{"commit":"abc"}}}}],"predicateType":"https://sigstore.dev/cosign/sign/v1","predicate":{{}}}}"#,
+                &D[7..]
+            )
+        );
+        // What SignImage signs in the bundle format is what SignMessage accepts.
+        match crate::message::classify(&pae(PAYLOAD_TYPE, &s)).unwrap() {
+            crate::message::Kind::InToto { subjects, .. } => {
+                assert_eq!(subjects.len(), 1);
+                assert_eq!(subjects[0].annotations, a);
+            }
+            k => panic!("recognized as {}", k.name()),
+        }
+        // No annotations: the key is left out (verifiers read absent and {} alike).
+        assert!(!String::from_utf8(sign_statement(D, &BTreeMap::new()))
+            .unwrap()
+            .contains("annotations"));
+    }
 
     #[test]
     fn pae_matches_the_dsse_spec() {

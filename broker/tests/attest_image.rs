@@ -58,6 +58,7 @@ fn req(
         manifest_digest: format!("sha256:{}", "ab".repeat(32)),
         predicate_type: predicate_type.into(),
         predicate: predicate.as_bytes().to_vec(),
+        ..Default::default()
     });
     if let Some(t) = token {
         r.metadata_mut()

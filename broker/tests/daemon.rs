@@ -167,6 +167,7 @@ async fn callers_mistakes_get_the_right_status_codes() {
         docker_reference: reference.into(),
         manifest_digest: digest.into(),
         annotations: Default::default(),
+        ..Default::default()
     };
     for (reference, digest) in [
         ("reg.io/app:tag", good_digest.as_str()),

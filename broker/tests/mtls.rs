@@ -178,6 +178,7 @@ async fn mtls_identity_policy_and_refusals() {
             docker_reference: "registry.test/app/web".into(),
             manifest_digest: format!("sha256:{}", "ab".repeat(32)),
             annotations: Default::default(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -108,6 +108,7 @@ async fn id_tokens_are_verified_and_their_claims_drive_policy() {
                 docker_reference: "registry.test/acme/api".into(),
                 manifest_digest: format!("sha256:{}", "cd".repeat(32)),
                 annotations: Default::default(),
+                ..Default::default()
             },
             Some(&good),
         ))

@@ -274,6 +274,7 @@ async fn perform(c: &mut keybroker_proto::Client, call: Call) -> Result<(), Stat
                         .iter()
                         .map(|a| (a.to_string(), "v".to_string()))
                         .collect(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

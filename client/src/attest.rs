@@ -6,8 +6,10 @@ use keybroker_proto::v1::AttestImageRequest;
 use serde_json::Value;
 
 use crate::{
+    bundle,
     cosign::attestation::{append_attestation, check_subject, verify_envelope},
-    registry::Registry,
+    formats::Format,
+    registry::{Discovery, Registry},
     sign::resolve,
     Error,
 };
@@ -21,13 +23,27 @@ pub struct Attested {
     pub key_id: String,
     /// The predicate type URI.
     pub predicate_type: String,
-    /// False when an identical envelope was already stored.
+    /// Classic format: false when an identical envelope was already stored
+    /// (and when the classic format was not written).
     pub written: bool,
+    /// Bundle format: the referrer manifest's digest and where it is listed.
+    pub bundle: Option<(String, Discovery)>,
     /// The signed statement.
     pub statement: Value,
 }
 
-/// Attests one image with the broker's key `key` and stores the envelope.
+/// Where an attestation goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Storage {
+    /// Classic `.att`, bundle referrer, or both.
+    pub format: Format,
+    /// Classic only: drop stored attestations of the same predicate type.
+    pub replace: bool,
+}
+
+/// Attests one image with the broker's key `key` and stores the envelope in
+/// `format`: a `.att` layer, a Sigstore bundle referrer, or both (one
+/// signature serves both: the envelope is the same).
 /// `predicate` is the predicate JSON (built from `--type` and the file by
 /// `cosign::attestation::build_predicate`, or by `--provenance`).
 pub async fn attest_image(
@@ -37,8 +53,9 @@ pub async fn attest_image(
     key: &str,
     predicate_type: &str,
     predicate: &Value,
-    replace: bool,
+    store: Storage,
 ) -> Result<Attested, Error> {
+    let Storage { format, replace } = store;
     let (img, digest) = resolve(registry, image).await?;
     let predicate_bytes = serde_json::to_vec(predicate)
         .map_err(|e| Error::Other(format!("predicate does not serialize: {e}")))?;
@@ -49,6 +66,7 @@ pub async fn attest_image(
             manifest_digest: digest.clone(),
             predicate_type: predicate_type.to_string(),
             predicate: predicate_bytes,
+            timestamp: format.bundle(),
         })
         .await?
         .into_inner();
@@ -60,20 +78,38 @@ pub async fn attest_image(
         &digest,
         predicate_type,
     )?;
-    let written = append_attestation(
-        registry,
-        &img,
-        &digest,
-        &resp.envelope,
-        predicate_type,
-        replace,
-    )
-    .await?;
+    let written = if format.classic() {
+        append_attestation(
+            registry,
+            &img,
+            &digest,
+            &resp.envelope,
+            predicate_type,
+            replace,
+        )
+        .await?
+    } else {
+        false
+    };
+    let mut stored = None;
+    if format.bundle() {
+        let timestamps: Vec<Vec<u8>> = [resp.timestamp]
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect();
+        let b = bundle::build(&resp.envelope, &info.public_key_pem, &timestamps)?;
+        bundle::verify(&b, &info.public_key_pem, &digest).map_err(|e| {
+            Error::Other(format!("the bundle does not verify ({e}); nothing written"))
+        })?;
+        let (referrer, via) = bundle::store(registry, &img, &digest, &b, predicate_type).await?;
+        stored = Some((referrer.digest, via));
+    }
     Ok(Attested {
         image: format!("{}@{digest}", img.docker_reference()),
         key_id: info.key_id,
         predicate_type: predicate_type.to_string(),
         written,
+        bundle: stored,
         statement,
     })
 }

@@ -5,13 +5,17 @@
 pub mod attest;
 pub mod audit;
 pub mod broker;
+pub mod bundle;
 pub mod ci_env;
 pub mod cosign;
 mod error;
+pub mod formats;
+pub mod migrate;
 pub mod plugin;
 pub mod provenance;
 pub mod provision;
 pub mod registry;
 pub mod sign;
+pub mod tree;
 
 pub use error::Error;

@@ -11,14 +11,11 @@ use std::{
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use futures::StreamExt;
 use keybroker_client::{
-    attest::attest_image,
+    attest::{attest_image, Storage},
     broker, ci_env,
-    cosign::{
-        attestation::{
-            build_predicate, predicate_type_uri, verify_attestations, SLSA1_PREDICATE_TYPE,
-        },
-        verify_image,
-    },
+    cosign::attestation::{build_predicate, predicate_type_uri, SLSA1_PREDICATE_TYPE},
+    formats::{verify_image_attestations, verify_signatures, Format, Prefer, Verified},
+    migrate::{migrate_image, Outcome},
     provenance::now_rfc3339,
     provision::{create_vault_key, write_public, VaultTarget},
     registry::{Credentials, ImageRef, Registry, RegistryOptions},
@@ -102,14 +99,26 @@ enum Command {
         /// Images signed concurrently
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
         jobs: u16,
+        /// Storage format: classic (cosign v2's .sig/.att tags), bundle (cosign
+        /// v3's Sigstore bundle as an OCI referrer), or both. Default both:
+        /// verifiable by cosign v2 and v3, sigstore-rs and sigstore-js/-go.
+        #[arg(long, value_enum, env = "KEYBROKER_FORMAT", default_value = "both")]
+        format: Format,
     },
-    /// Verify an image's signatures against a public key; prints the verified payloads as JSON.
+    /// Verify an image's signatures against a public key; prints the verified
+    /// payloads (classic) and statements (bundles) as JSON, and on stderr the
+    /// format each came from.
     Verify {
         /// Image to verify
         image: String,
         /// PEM public key file, or a broker key alias
         #[arg(long)]
         key: String,
+        /// Which format to read: bundle (as cosign v3: bundles if the image has
+        /// any, else .sig), classic (.sig if present, else bundles), or any
+        /// (both; one verified signature in either is enough)
+        #[arg(long, value_enum, default_value = "bundle")]
+        prefer: Prefer,
     },
     /// Attest images: sign an in-toto statement about each with a broker key and
     /// store the DSSE envelope in cosign's `.att` layout.
@@ -136,9 +145,15 @@ enum Command {
         /// from the CI environment instead of reading one
         #[arg(long)]
         provenance: bool,
-        /// Replace stored attestations of the same predicate type
+        /// Replace stored attestations of the same predicate type (classic .att only;
+        /// bundles are referrers, one per attestation)
         #[arg(long)]
         replace: bool,
+        /// Storage format: classic (cosign v2's .sig/.att tags), bundle (cosign
+        /// v3's Sigstore bundle as an OCI referrer), or both. Default both:
+        /// verifiable by cosign v2 and v3, sigstore-rs and sigstore-js/-go.
+        #[arg(long, value_enum, env = "KEYBROKER_FORMAT", default_value = "both")]
+        format: Format,
     },
     /// Verify an image's attestations against a public key; prints each verified
     /// in-toto statement as one JSON line.
@@ -151,6 +166,34 @@ enum Command {
         /// Only statements of this predicate type (cosign name or URI)
         #[arg(long = "type")]
         predicate_type: Option<String>,
+        /// Which format to read: bundle (as cosign v3), classic, or any
+        #[arg(long, value_enum, default_value = "bundle")]
+        prefer: Prefer,
+    },
+    /// List everything attached to an image: classic signatures and
+    /// attestations, Sigstore bundles, other OCI referrers; with format,
+    /// predicate type, key hint and time. Verifies nothing.
+    Tree {
+        /// Image to inspect
+        image: String,
+        /// Print JSON instead of the tree
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give images signed in one format a signature in the other, through the
+    /// broker (its policy and audit apply). Only images carrying a signature
+    /// by KEY in the source format are re-signed; images already carrying one
+    /// in the target format are left alone, so running it again changes nothing.
+    Migrate {
+        /// Images to migrate
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Broker key alias: its signatures are migrated, and it signs
+        #[arg(long)]
+        key: String,
+        /// Target format: bundle (classic → bundle, cosign v2 → v3) or classic
+        #[arg(long, value_enum, default_value = "bundle")]
+        to: keybroker_client::migrate::Target,
     },
     /// Print a key's public key (PEM).
     PublicKey {
@@ -287,6 +330,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             annotations,
             ci_annotations,
             jobs,
+            format,
         } => {
             let mut annotations = parse_annotations(&annotations)?;
             if ci_annotations {
@@ -304,6 +348,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 key,
                 annotations,
                 jobs.into(),
+                format,
             )
             .await;
             if g.stats {
@@ -311,13 +356,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             result
         }
-        Command::Verify { image, key } => {
+        Command::Verify { image, key, prefer } => {
             let registry = registry(g)?;
             let img = ImageRef::parse(&image)?;
             let pem = verification_key(&socket, &key).await?;
-            let verified = verify_image(&registry, &img, &pem).await?;
-            eprintln!("Verification for {img} --\nThe following checks were performed on each of these signatures:\n  - The signatures were verified against the specified public key");
-            let payloads: Vec<_> = verified.into_iter().map(|v| v.payload).collect();
+            let verified = verify_signatures(&registry, &img, &pem, prefer).await?;
+            eprintln!("Verification for {img} --\nThe following checks were performed on each of these signatures:\n  - The signatures were verified against the specified public key\n  - The signed payload or statement names the image's digest");
+            for v in &verified {
+                eprintln!("  verified: {}{}", v.source, describe_bundle(v));
+            }
+            let payloads: Vec<_> = verified.into_iter().map(|v| v.content).collect();
             println!("{}", serde_json::Value::from(payloads));
             if g.stats {
                 eprintln!("registry requests: {}", registry.request_count());
@@ -331,6 +379,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             predicate_type,
             provenance,
             replace,
+            format,
         } => {
             let (type_uri, body) = if provenance {
                 let ci = ci_env::detect(&ci_env::process_env(), Path::new("."))?;
@@ -364,20 +413,29 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     &key,
                     &type_uri,
                     &body,
-                    replace,
+                    Storage { format, replace },
                 )
                 .await
                 {
                     Ok(a) => {
                         if a.written {
                             eprintln!(
-                                "attested {} ({}) with {}",
+                                "attested {} ({}) with {} in .att",
                                 a.image, a.predicate_type, a.key_id
                             );
-                        } else {
+                        } else if format.classic() {
                             eprintln!(
-                                "{} already carries this attestation; nothing written",
+                                "{} already carries this attestation in .att; nothing written there",
                                 a.image
+                            );
+                        }
+                        if let Some((referrer, via)) = &a.bundle {
+                            eprintln!(
+                                "attested {} ({}) with {} as bundle {referrer} ({})",
+                                a.image,
+                                a.predicate_type,
+                                a.key_id,
+                                via.as_str()
                             );
                         }
                         println!("{}", a.image);
@@ -403,6 +461,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             image,
             key,
             predicate_type,
+            prefer,
         } => {
             let registry = registry(g)?;
             let img = ImageRef::parse(&image)?;
@@ -411,10 +470,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 .as_deref()
                 .map(predicate_type_uri)
                 .transpose()?;
-            let statements = verify_attestations(&registry, &img, &pem, want.as_deref()).await?;
+            let verified =
+                verify_image_attestations(&registry, &img, &pem, want.as_deref(), prefer).await?;
             eprintln!("Verification for {img} --\nThe following checks were performed on each of these attestations:\n  - The DSSE signatures were verified against the specified public key\n  - The statement subject is the image's digest");
-            for st in statements {
-                println!("{st}");
+            for v in verified {
+                eprintln!("  verified: {}{}", v.source, describe_bundle(&v));
+                println!("{}", v.content);
             }
             if g.stats {
                 eprintln!("registry requests: {}", registry.request_count());
@@ -449,6 +510,63 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     print!("{pem}");
                     Ok(())
                 }
+            }
+        }
+        Command::Tree { image, json } => {
+            let registry = registry(g)?;
+            let t = keybroker_client::tree::tree(&registry, &image).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&t)
+                        .map_err(|e| Error::Other(format!("tree: {e}")))?
+                );
+            } else {
+                print!("{}", keybroker_client::tree::render(&t));
+            }
+            if g.stats {
+                eprintln!("registry requests: {}", registry.request_count());
+            }
+            Ok(())
+        }
+        Command::Migrate { images, key, to } => {
+            let registry = registry(g)?;
+            let mut client = broker::connect(&socket).await?;
+            let pem = verification_key(&socket, &key).await?;
+            let (mut migrated, mut already, mut skipped, mut failed) = (0, 0, 0, 0);
+            for image in &images {
+                match migrate_image(&mut client, &registry, image, &key, &pem, to).await {
+                    Ok((name, Outcome::Migrated)) => {
+                        migrated += 1;
+                        eprintln!("migrated {name}: now signed by {key} in the {to:?} format too");
+                        println!("{name}");
+                    }
+                    Ok((name, Outcome::AlreadyThere)) => {
+                        already += 1;
+                        eprintln!(
+                            "{name}: already signed by {key} in the {to:?} format; nothing written"
+                        );
+                    }
+                    Ok((name, Outcome::NoSource(why))) => {
+                        skipped += 1;
+                        eprintln!("{name}: no signature by {key} to migrate ({why}); left alone");
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{image}: {e}");
+                    }
+                }
+            }
+            eprintln!("migrate: {migrated} migrated, {already} already done, {skipped} without a signature to migrate, {failed} failed");
+            if g.stats {
+                eprintln!("registry requests: {}", registry.request_count());
+            }
+            match failed {
+                0 => Ok(()),
+                n => Err(Error::Other(format!(
+                    "{n} of {} images failed to migrate",
+                    images.len()
+                ))),
             }
         }
         Command::Audit(AuditCommand::Verify { files }) => {
@@ -530,6 +648,7 @@ async fn sign_all(
     key: String,
     annotations: HashMap<String, String>,
     jobs: usize,
+    format: Format,
 ) -> Result<(), Error> {
     let progress = (images.len() > 1 && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(images.len() as u64);
@@ -548,7 +667,7 @@ async fn sign_all(
         let key = key.clone();
         let annotations = annotations.clone();
         async move {
-            let r = sign_image(&mut client, &registry, &image, &key, &annotations).await;
+            let r = sign_image(&mut client, &registry, &image, &key, &annotations, format).await;
             (image, r)
         }
     }))
@@ -556,11 +675,18 @@ async fn sign_all(
     let mut failed = 0usize;
     while let Some((image, r)) = results.next().await {
         let line = match &r {
-            Ok(s) if s.written => format!("signed {} with {}", s.image, s.key_id),
-            Ok(s) => format!(
-                "{} already carries this signature; nothing written",
-                s.image
-            ),
+            Ok(s) => {
+                let mut parts = Vec::new();
+                if s.written {
+                    parts.push("in .sig".to_string());
+                } else if format.classic() {
+                    parts.push(".sig already carries this signature".to_string());
+                }
+                if let Some((referrer, via)) = &s.bundle {
+                    parts.push(format!("as bundle {referrer} ({})", via.as_str()));
+                }
+                format!("signed {} with {}: {}", s.image, s.key_id, parts.join(", "))
+            }
             Err(e) => {
                 failed += 1;
                 format!("{image}: {e}")
@@ -713,4 +839,15 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
         .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     f.write_all(data)
         .map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}
+
+/// " (timestamps: N, referrer sha256:…)" for a bundle, "" for classic.
+fn describe_bundle(v: &Verified) -> String {
+    if v.referrer.is_empty() {
+        return String::new();
+    }
+    format!(
+        " referrer {} with {} RFC 3161 timestamp(s)",
+        v.referrer, v.timestamps
+    )
 }

@@ -54,6 +54,7 @@ fn sign_image(repo: &str, n: usize) -> SignImageRequest {
         docker_reference: format!("registry.test/{repo}"),
         manifest_digest: DIGEST.into(),
         annotations: [("n".to_string(), n.to_string())].into(),
+        ..Default::default()
     }
 }
 

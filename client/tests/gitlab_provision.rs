@@ -107,6 +107,7 @@ async fn sign(broker: &TestBroker) -> Result<(Vec<u8>, Vec<u8>, String), tonic::
             docker_reference: "registry.example.com/acme/app".into(),
             manifest_digest: format!("sha256:{}", "ab".repeat(32)),
             annotations: Default::default(),
+            ..Default::default()
         })
         .await?
         .into_inner();

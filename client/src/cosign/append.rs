@@ -50,7 +50,8 @@ pub enum Mode<'a> {
 }
 
 /// The config blob as cosign writes it: one history entry and diff_id per layer.
-pub(crate) fn config_blob(layers: &[Value]) -> Vec<u8> {
+#[doc(hidden)]
+pub fn config_blob(layers: &[Value]) -> Vec<u8> {
     let diff_ids: Vec<&Value> = layers.iter().filter_map(|l| l.get("digest")).collect();
     let history: Vec<Value> = layers
         .iter()
@@ -66,7 +67,8 @@ pub(crate) fn config_blob(layers: &[Value]) -> Vec<u8> {
     .into_bytes()
 }
 
-pub(crate) fn manifest(config: &[u8], layers: &[Value]) -> Vec<u8> {
+#[doc(hidden)]
+pub fn manifest(config: &[u8], layers: &[Value]) -> Vec<u8> {
     format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"{CONFIG_MEDIA_TYPE}","size":{},"digest":"{}"}},"layers":{}}}"#,
         config.len(),
@@ -79,7 +81,8 @@ pub(crate) fn manifest(config: &[u8], layers: &[Value]) -> Vec<u8> {
 /// Same blob and media type, and every annotation of ours present with the
 /// same value (cosign's duplicate rule: a layer that lacks one of ours is not
 /// the same; extra annotations of theirs do not matter).
-fn same_layer(layer: &Value, ours: &Value) -> bool {
+#[doc(hidden)]
+pub fn same_layer(layer: &Value, ours: &Value) -> bool {
     layer.get("digest") == ours.get("digest")
         && layer.get("mediaType") == ours.get("mediaType")
         && match ours.get("annotations").and_then(Value::as_object) {
@@ -243,7 +246,7 @@ fn warn_blob_lost(tag: &str) {
     eprintln!("keybroker: {tag}: the registry lost a just-uploaded blob; uploading again");
 }
 
-fn settle_delay(window: Duration) -> Duration {
+pub(crate) fn settle_delay(window: Duration) -> Duration {
     // Jitter from the clock's low bits keeps two racing writers from re-reading in lockstep.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

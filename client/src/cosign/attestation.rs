@@ -312,7 +312,8 @@ pub fn check_subject(statement: &Value, manifest_digest: &str) -> Result<(), Str
 
 /// The predicate type of a stored attestation: from its statement (as cosign's
 /// `--replace` reads it), else from the layer annotation.
-fn stored_predicate_type(layer: &Value, blob: Option<&[u8]>) -> Option<String> {
+#[doc(hidden)]
+pub fn stored_predicate_type(layer: &Value, blob: Option<&[u8]>) -> Option<String> {
     let from_blob = blob
         .and_then(|b| serde_json::from_slice::<Value>(b).ok())
         .and_then(|env| {

@@ -2,11 +2,13 @@
 //! image, one layer per signature, and the `.att` manifest, one DSSE envelope
 //! per layer; both appended and never clobbered (`append.rs`).
 
-mod append;
+#[doc(hidden)]
+pub mod append;
 pub mod attestation;
 mod signature;
 mod verify;
 
+pub(crate) use append::settle_delay;
 pub use append::{append_layer, Layer, Mode};
 pub use signature::{
     append_signature, signature_tag, SignatureLayer, SIGNATURE_ANNOTATION, SIMPLESIGNING_MEDIA_TYPE,

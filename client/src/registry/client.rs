@@ -91,7 +91,7 @@ impl Registry {
         self.requests.load(Ordering::Relaxed)
     }
 
-    fn base(&self, img: &ImageRef) -> String {
+    pub(super) fn base(&self, img: &ImageRef) -> String {
         let host = img.api_host();
         let scheme = if is_loopback(host) || self.options.plain_http.iter().any(|h| h == host) {
             "http"
@@ -108,7 +108,7 @@ impl Registry {
             .or_else(|| credentials::from_docker_config(&img.registry))
     }
 
-    fn registry_err(img: &ImageRef, reason: impl Into<String>) -> Error {
+    pub(super) fn registry_err(img: &ImageRef, reason: impl Into<String>) -> Error {
         Error::Registry {
             registry: img.registry.clone(),
             reason: reason.into(),
@@ -129,7 +129,7 @@ impl Registry {
 
     /// Sends a request built by `build` (called again for the retry after an auth
     /// challenge), handling 401 once. `push` widens the token scope to pull,push.
-    async fn send(
+    pub(super) async fn send(
         &self,
         img: &ImageRef,
         push: bool,
@@ -474,11 +474,11 @@ pub fn sha256_digest(data: &[u8]) -> String {
 }
 
 /// Request bodies are rebuilt for the retry after an auth challenge; `Bytes` clones are cheap.
-fn bytes_of(data: &[u8]) -> bytes::Bytes {
+pub(super) fn bytes_of(data: &[u8]) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(data)
 }
 
-async fn read_limited(img: &ImageRef, mut resp: Response) -> Result<Vec<u8>, Error> {
+pub(super) async fn read_limited(img: &ImageRef, mut resp: Response) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
     while let Some(chunk) = resp
         .chunk()
@@ -496,7 +496,7 @@ async fn read_limited(img: &ImageRef, mut resp: Response) -> Result<Vec<u8>, Err
     Ok(out)
 }
 
-async fn error_text(resp: Response) -> String {
+pub(super) async fn error_text(resp: Response) -> String {
     let text = resp.text().await.unwrap_or_default();
     let text = text.trim();
     if text.len() > 300 {

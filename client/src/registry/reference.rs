@@ -108,6 +108,14 @@ impl ImageRef {
         }
     }
 
+    /// The same image pinned to `digest` (the tag kept for messages).
+    pub fn with_digest(&self, digest: &str) -> ImageRef {
+        ImageRef {
+            digest: Some(digest.to_string()),
+            ..self.clone()
+        }
+    }
+
     /// What to ask the registry for: the digest if known, else the tag, else `latest`.
     pub fn manifest_reference(&self) -> &str {
         self.digest
