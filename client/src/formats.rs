@@ -185,7 +185,7 @@ pub async fn verify_signatures(
         &pinned,
         &digest,
         classic_result,
-        check_bundles(registry, &pinned, &digest, public_pem, &sign_v1),
+        || check_bundles(registry, &pinned, &digest, public_pem, &sign_v1),
     )
     .await
 }
@@ -208,39 +208,45 @@ pub async fn verify_image_attestations(
             .await
             .map(|v| v.into_iter().map(classic).collect::<Vec<_>>())
     };
-    run(
-        prefer,
-        "attestation",
-        &pinned,
-        &digest,
-        classic_result,
-        check_bundles(registry, &pinned, &digest, public_pem, &wanted),
-    )
+    let what = match predicate_type {
+        Some(t) => format!("attestation for predicate type {t}"),
+        None => "attestation".to_string(),
+    };
+    run(prefer, &what, &pinned, &digest, classic_result, || {
+        check_bundles(registry, &pinned, &digest, public_pem, &wanted)
+    })
     .await
 }
 
-/// The `prefer` rule over the two formats' results. A classic "nothing stored"
-/// error starts with "no …s found"; that is what decides a fallback.
-async fn run<C, F>(
+/// The `prefer` rule over the two formats' results; each format is read only
+/// when the rule needs it. A classic "nothing stored" error says "no …s found
+/// for"; that is what decides a fallback.
+async fn run<C, F, B, G>(
     prefer: Prefer,
     what: &str,
     img: &ImageRef,
     digest: &str,
     classic_result: C,
-    bundles: impl std::future::Future<Output = Result<BundleOutcome, Error>>,
+    bundles: B,
 ) -> Result<Vec<Verified>, Error>
 where
     C: FnOnce() -> F,
     F: std::future::Future<Output = Result<Vec<Verified>, Error>>,
+    B: FnOnce() -> G,
+    G: std::future::Future<Output = Result<BundleOutcome, Error>>,
 {
-    let none_stored =
-        |e: &Error| e.to_string().starts_with("no ") && e.to_string().contains(" found for ");
-    let bundles = bundles.await?;
+    let none_stored = |e: &Error| {
+        let e = e.to_string();
+        e.starts_with("no ") && e.contains(" found for ")
+    };
     let bundle_result = |b: BundleOutcome| -> Result<Vec<Verified>, Error> {
         if b.verified.is_empty() {
             let mut why = b.failures;
             if why.is_empty() {
-                why.push(format!("no bundles ({})", b.via.as_str()));
+                why.push(format!(
+                    "nothing stored in either format (no classic tag, no bundle referrer via {})",
+                    b.via.as_str()
+                ));
             }
             Err(nothing_verified(what, img, digest, why))
         } else {
@@ -248,13 +254,20 @@ where
         }
     };
     match prefer {
-        Prefer::Bundle if bundles.present > 0 => bundle_result(bundles),
-        Prefer::Bundle => classic_result().await,
+        Prefer::Bundle => {
+            let bundles = bundles().await?;
+            if bundles.present > 0 {
+                bundle_result(bundles)
+            } else {
+                classic_result().await
+            }
+        }
         Prefer::Classic => match classic_result().await {
-            Err(e) if none_stored(&e) => bundle_result(bundles),
+            Err(e) if none_stored(&e) => bundle_result(bundles().await?),
             other => other,
         },
         Prefer::Any => {
+            let bundles = bundles().await?;
             let c = classic_result().await;
             let mut all = Vec::new();
             let mut why = Vec::new();

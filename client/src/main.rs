@@ -18,7 +18,7 @@ use keybroker_client::{
     migrate::{migrate_image, Outcome},
     provenance::now_rfc3339,
     provision::{create_vault_key, write_public, VaultTarget},
-    registry::{Credentials, ImageRef, Registry, RegistryOptions},
+    registry::{Credentials, ImageRef, Registry, RegistryOptions, RetryPolicy},
     sign::sign_image,
     Error,
 };
@@ -73,6 +73,10 @@ struct Global {
     /// Print the number of registry requests made, on stderr
     #[arg(long, global = true)]
     stats: bool,
+    /// Retries of a failed registry step (transport error, 429, 5xx), with
+    /// jittered backoff; 0 disables [default: $KEYBROKER_REGISTRY_RETRIES, else 4]
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=20))]
+    registry_retries: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -299,9 +303,16 @@ fn registry(g: &Global) -> Result<Registry, Error> {
             ))
         }
     };
-    Registry::new(RegistryOptions {
+    let registry = Registry::new(RegistryOptions {
         credentials,
         plain_http: g.plain_http.clone(),
+    })?;
+    Ok(match g.registry_retries {
+        Some(retries) => registry.with_retry_policy(RetryPolicy {
+            retries,
+            ..RetryPolicy::default()
+        }),
+        None => registry,
     })
 }
 

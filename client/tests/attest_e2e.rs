@@ -325,6 +325,8 @@ async fn attests_in_cosigns_layout_and_verifies_independently() {
             &image,
             "--key",
             other.pub_path.to_str().unwrap(),
+            "--prefer",
+            "classic",
         ],
         &[],
         None,
@@ -914,7 +916,14 @@ async fn sign_ci_annotations_land_in_the_payload() {
     );
     let out = kb(
         &broker.socket,
-        &["verify", &image, "--key", key.pub_path.to_str().unwrap()],
+        &[
+            "verify",
+            &image,
+            "--key",
+            key.pub_path.to_str().unwrap(),
+            "--prefer",
+            "classic",
+        ],
         &[],
         None,
     )

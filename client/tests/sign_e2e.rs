@@ -72,7 +72,14 @@ async fn signs_by_tag_and_verifies_and_records_the_caller() {
 
     let out = keybroker(
         &broker.socket,
-        &["verify", &image, "--key", key.pub_path.to_str().unwrap()],
+        &[
+            "verify",
+            &image,
+            "--key",
+            key.pub_path.to_str().unwrap(),
+            "--prefer",
+            "classic",
+        ],
         &[],
     )
     .await;
@@ -98,7 +105,14 @@ async fn signs_by_tag_and_verifies_and_records_the_caller() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = keybroker(
         &broker.socket,
-        &["verify", &image, "--key", other.pub_path.to_str().unwrap()],
+        &[
+            "verify",
+            &image,
+            "--key",
+            other.pub_path.to_str().unwrap(),
+            "--prefer",
+            "classic",
+        ],
         &[],
     )
     .await;
@@ -174,7 +188,14 @@ async fn tampered_payload_does_not_verify() {
 
     let out = keybroker(
         &broker.socket,
-        &["verify", &image, "--key", key.pub_path.to_str().unwrap()],
+        &[
+            "verify",
+            &image,
+            "--key",
+            key.pub_path.to_str().unwrap(),
+            "--prefer",
+            "classic",
+        ],
         &[],
     )
     .await;
@@ -302,7 +323,14 @@ async fn htpasswd_registry_needs_credentials() {
     .unwrap();
     let out = keybroker(
         &broker.socket,
-        &["verify", &image, "--key", key.pub_path.to_str().unwrap()],
+        &[
+            "verify",
+            &image,
+            "--key",
+            key.pub_path.to_str().unwrap(),
+            "--prefer",
+            "classic",
+        ],
         &[("DOCKER_CONFIG", docker_dir.to_str().unwrap())],
     )
     .await;

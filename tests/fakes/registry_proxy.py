@@ -200,6 +200,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         pass
 
+    def send_response_only(self, code, message=None):
+        self.answered = True
+        super().send_response_only(code, message)
+
     def do_GET(self):
         self.handle_any()
 
@@ -349,6 +353,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.control(path)
         s = self.state
         method = self.command
+        self.answered = False
         fault = s.take_fault(method, path)
         kind = fault["kind"] if fault else None
         try:
@@ -382,8 +387,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             status = self.forward(method, path, kind, fault)
             s.record(method, path, status, kind)
-        except (ConnectionError, BrokenPipeError, socket.timeout, OSError) as e:
-            s.record(method, path, None, f"error: {type(e).__name__}")
+        except OSError as e:  # connection errors and timeouts, either side
+            status = None
+            if not self.answered and self.connection.fileno() != -1:
+                # The upstream failed before answering: what a gateway says.
+                status = 502
+                try:
+                    self.send_json(502, {"errors": [{"code": "UNAVAILABLE", "message": f"registry_proxy: upstream: {type(e).__name__}", "detail": None}]})
+                except OSError:
+                    status = None
+            s.record(method, path, status, f"{kind or 'none'}; error: {type(e).__name__}")
             self.close_connection = True
 
     def forward(self, method, path, kind, fault):

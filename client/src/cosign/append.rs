@@ -98,25 +98,17 @@ pub fn same_layer(layer: &Value, ours: &Value) -> bool {
 
 /// Reads the manifest under `tag`. Distribution 2.8's filesystem storage
 /// writes a tag's link file in place, so a read racing a concurrent writer's
-/// PUT can get a 500 ("invalid checksum digest format"); such reads are
-/// retried a few times before giving up.
+/// PUT can get a 500 ("invalid checksum digest format"); the registry client
+/// retries 5xx answers with backoff (`RetryPolicy`), which covers that race.
 async fn read_manifest(
     registry: &Registry,
     img: &ImageRef,
     tag: &str,
 ) -> Result<Option<Vec<u8>>, Error> {
-    let mut attempt = 0u32;
-    loop {
-        match registry.get_manifest(img, tag, OCI_MANIFEST).await {
-            Ok(m) => return Ok(m.map(|(body, _)| body)),
-            Err(e) if attempt < 5 && e.to_string().contains("answered 500") => {
-                attempt += 1;
-                tokio::time::sleep(settle_delay(Duration::from_millis(8 * u64::from(attempt))))
-                    .await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    Ok(registry
+        .get_manifest(img, tag, OCI_MANIFEST)
+        .await?
+        .map(|(body, _)| body))
 }
 
 pub(crate) async fn existing_layers(

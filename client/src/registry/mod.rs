@@ -6,7 +6,10 @@ mod credentials;
 mod reference;
 mod referrers;
 
-pub use client::{sha256_digest, Registry, RegistryOptions, MANIFEST_ACCEPT, OCI_MANIFEST};
+pub use client::{
+    sha256_digest, Registry, RegistryOptions, RetryPolicy, MANIFEST_ACCEPT, OCI_MANIFEST,
+    RETRIES_ENV,
+};
 pub use credentials::Credentials;
 pub use reference::ImageRef;
 pub use referrers::{

@@ -395,6 +395,7 @@ mod tests {
             referrers_tag(&format!("sha256:{}", "ab".repeat(32))),
             format!("sha256-{}", "ab".repeat(32))
         );
-        assert!(parse_index(&img, "x", b"[]").is_err());
+        assert!(parse_index(&img, "x", br#"{"manifests":5}"#).is_err());
+        assert!(parse_index(&img, "x", b"<html>").is_err());
     }
 }
