@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
 # the real OCI registry (distribution 2.8), htpasswd for its basic auth, curl,
-# openssl (test CAs); for the deploy tests (scripts/deploy-test.sh) systemd's
+# openssl (test CAs, and the local RFC 3161 TSA of scripts/tsa.sh); for the deploy tests (scripts/deploy-test.sh) systemd's
 # tools (systemd-analyze, systemd-socket-activate), podman + runc, binutils;
 # git (provenance from a git checkout), util-linux (setpriv, mount).
 set -euo pipefail

@@ -15,6 +15,7 @@ cleanup() {
   scripts/moto.sh stop "$state" || true
   scripts/kmock.sh stop "$state" || true
   scripts/gcpkms.sh stop "$state" || true
+  scripts/tsa.sh stop "$state" || true
   rm -rf "$state"
 }
 trap cleanup EXIT
@@ -42,6 +43,7 @@ scripts/openbao.sh start "$state"
 scripts/moto.sh start "$state"
 scripts/kmock.sh start "$state"
 scripts/gcpkms.sh start "$state"
+scripts/tsa.sh start "$state"
 # shellcheck disable=SC1091
 source "$state/registry.env"
 # shellcheck disable=SC1091
@@ -53,8 +55,11 @@ export KEYBROKER_TEST_REGISTRY KEYBROKER_TEST_AUTH_REGISTRY KEYBROKER_TEST_AUTH_
 source "$state/kmock.env"
 # shellcheck disable=SC1091
 source "$state/gcpkms.env"
+# shellcheck disable=SC1091
+source "$state/tsa.env"
 export KEYBROKER_TEST_VAULT_ADDR KEYBROKER_TEST_VAULT_TOKEN KEYBROKER_TEST_AWS_ENDPOINT
 export KEYBROKER_TEST_KUBE_API KEYBROKER_TEST_KUBECONFIG
+export KEYBROKER_TEST_TSA_URL KEYBROKER_TEST_TSA_CHAIN
 
 echo "== the API fakes' own self-test (GitHub, GitLab)"
 python3 tests/fakes/test_fakes.py

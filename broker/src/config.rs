@@ -27,6 +27,25 @@ pub struct Config {
     /// Trusted issuers of bearer OIDC ID tokens; none by default.
     #[serde(default)]
     pub oidc: Vec<crate::oidc::OidcConfig>,
+    /// An RFC 3161 time-stamp authority for Sigstore bundles; none by default.
+    #[serde(default)]
+    pub timestamp: Option<TimestampConfig>,
+}
+
+/// `[timestamp]`: the time-stamp authority whose RFC 3161 token over each
+/// bundle signature makes its signing time provable without a transparency
+/// log (verifiers refuse a bundle with neither).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimestampConfig {
+    /// The TSA's endpoint, `https://` (plain `http://` only to a loopback address).
+    pub url: String,
+    /// The TSA's certificate chain (PEM), leaf first and root last: the same
+    /// chain a verifier's trusted root lists for it. Only the root: the
+    /// token's own certificate must chain to it.
+    pub ca_chain: PathBuf,
+    /// Seconds to wait for the TSA's answer (default 10).
+    pub timeout_secs: Option<u64>,
 }
 
 /// `[limits]`: token buckets for signatures (SignImage and Sign).
@@ -346,6 +365,12 @@ impl Config {
         if let Some(mode) = &self.server.socket_mode {
             parse_mode(mode)?;
         }
+        if let Some(t) = &self.timestamp {
+            crate::timestamp::tsa_url(&t.url).map_err(|e| format!("[timestamp]: {e}"))?;
+            if matches!(t.timeout_secs, Some(0)) {
+                return Err("[timestamp]: timeout_secs must be at least 1".into());
+            }
+        }
         Ok(())
     }
 
@@ -436,6 +461,7 @@ impl Config {
             }],
             limits: None,
             oidc: Vec::new(),
+            timestamp: None,
         }
     }
 }
@@ -555,6 +581,53 @@ mod tests {
             ),
         ] {
             let err = Config::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn timestamp_section() {
+        let c = Config::parse(
+            r#"
+            [timestamp]
+            url = "https://timestamp.example.com/api/v1/timestamp"
+            ca_chain = "/etc/keybroker/tsa-chain.pem"
+            "#,
+        )
+        .unwrap();
+        let t = c.timestamp.as_ref().unwrap();
+        assert_eq!(t.ca_chain, Path::new("/etc/keybroker/tsa-chain.pem"));
+        assert_eq!(t.timeout_secs, None);
+        assert!(Config::parse("").unwrap().timestamp.is_none());
+        for ok in [
+            "http://127.0.0.1:3000/",
+            "http://[::1]/tsa",
+            "http://localhost:8080",
+        ] {
+            let text = format!("[timestamp]\nurl = \"{ok}\"\nca_chain = \"/c.pem\"");
+            assert!(Config::parse(&text).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            (
+                "url = \"http://tsa.example.com/\"\nca_chain = \"/c.pem\"",
+                "https://",
+            ),
+            (
+                "url = \"ftp://127.0.0.1/\"\nca_chain = \"/c.pem\"",
+                "https://",
+            ),
+            ("url = \"not a url\"\nca_chain = \"/c.pem\"", "not a url"),
+            ("url = \"https://t.example\"", "ca_chain"),
+            (
+                "url = \"https://t.example\"\nca_chain = \"/c\"\ntimeout_secs = 0",
+                "timeout_secs",
+            ),
+            (
+                "url = \"https://t.example\"\nca_chain = \"/c\"\ncert = \"x\"",
+                "cert",
+            ),
+        ] {
+            let err = Config::parse(&format!("[timestamp]\n{bad}")).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
     }

@@ -18,6 +18,7 @@ pub mod payload;
 pub mod policy;
 pub mod service;
 pub mod status;
+pub mod timestamp;
 
 use std::{future::Future, sync::Arc};
 
@@ -36,11 +37,16 @@ pub async fn build_state(config: &Config, startup: keys::Startup) -> Result<Stat
     let policy = Policy::new(&config.policy)?;
     let limits = limits::Limiter::new(config.limits.as_ref())?;
     let oidc = oidc::Issuers::new(&config.oidc)?;
+    let timestamp = match &config.timestamp {
+        Some(t) => Some(Arc::new(timestamp::Tsa::new(t)?)),
+        None => None,
+    };
     Ok(State {
         keys,
         policy,
         limits,
         oidc,
+        timestamp,
         audit: None,
     })
 }

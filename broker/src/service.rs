@@ -36,6 +36,8 @@ pub struct State {
     pub limits: crate::limits::Limiter,
     /// Trusted OIDC issuers.
     pub oidc: crate::oidc::Issuers,
+    /// The `[timestamp]` authority, if one is configured.
+    pub timestamp: Option<Arc<crate::timestamp::Tsa>>,
     /// Where decisions are recorded; `None` when `server.audit_log` is unset.
     /// Survives reloads (the daemon carries it into each new state).
     pub audit: Option<Arc<AuditLog>>,
@@ -228,11 +230,41 @@ impl Call {
         Ok((sig.der, key, timestamp))
     }
 
-    /// An RFC 3161 timestamp token (DER) over `signature` from the configured
-    /// timestamp authority; empty when none is configured.
+    /// An RFC 3161 timestamp over `signature` from the configured timestamp
+    /// authority — its TimeStampResp (DER), what a bundle's `signedTimestamp`
+    /// holds — checked as a verifier will check it; empty when none is
+    /// configured. A TSA that fails makes the whole call UNAVAILABLE
+    /// (recorded as "failed"): a bundle without the timestamp it was promised
+    /// is worse than a retry, and a strict verifier would refuse it anyway.
     async fn timestamp(&mut self, signature: &[u8]) -> Result<Vec<u8>, Status> {
-        let _ = signature;
-        Ok(Vec::new())
+        let Some(tsa) = self.state.timestamp.clone() else {
+            return Ok(Vec::new());
+        };
+        match tsa.stamp(signature).await {
+            Ok(stamp) => {
+                self.audit.set(
+                    "timestamp",
+                    serde_json::json!({
+                        "tsa": tsa.url(),
+                        "gen_time": stamp.gen_time,
+                        "serial": stamp.serial,
+                    }),
+                );
+                Ok(stamp.response)
+            }
+            Err(why) => {
+                tracing::warn!(tsa = tsa.url(), "timestamp failed: {why}");
+                self.audit.set(
+                    "timestamp",
+                    serde_json::json!({"tsa": tsa.url(), "error": why}),
+                );
+                let status = Status::unavailable(format!(
+                    "timestamp authority {}: {why}; no signature handed out",
+                    tsa.url()
+                ));
+                Err(self.audit.refuse("failed", status).await)
+            }
+        }
     }
 }
 

@@ -55,7 +55,8 @@ pub fn key_hint(public_pem: &str) -> Result<String, Error> {
 
 /// The bundle JSON for a DSSE envelope (as the broker returns it: JSON with
 /// `payloadType`, base64 `payload`, `signatures[].sig`) signed by the key
-/// `public_pem`, with RFC 3161 tokens (DER) when there are any.
+/// `public_pem`, with RFC 3161 timestamps when there are any: each the TSA's
+/// whole TimeStampResp (DER), as sigstore-go stores it and sigstore-js requires.
 pub fn build(envelope: &[u8], public_pem: &str, timestamps: &[Vec<u8>]) -> Result<Vec<u8>, Error> {
     let env: Value = serde_json::from_slice(envelope)
         .map_err(|e| Error::Other(format!("broker returned an envelope that is not JSON: {e}")))?;
@@ -109,7 +110,7 @@ pub struct Parsed {
     pub has_certificate: bool,
     /// Transparency-log entries.
     pub tlog_entries: usize,
-    /// RFC 3161 tokens (DER).
+    /// RFC 3161 timestamps: TimeStampResp DER (sigstore-rust also reads bare tokens).
     pub timestamps: Vec<Vec<u8>>,
     /// The DSSE envelope re-serialized in DSSE's JSON form.
     pub envelope: Vec<u8>,
@@ -193,7 +194,8 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
 pub struct VerifiedBundle {
     /// The in-toto statement.
     pub statement: Value,
-    /// RFC 3161 tokens carried (their TSA signatures are not checked here).
+    /// RFC 3161 timestamps carried (their TSA signatures are not checked here:
+    /// trusting a TSA is the verifier's policy, e.g. sigstore-js's trusted root).
     pub timestamps: usize,
 }
 

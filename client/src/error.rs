@@ -54,12 +54,21 @@ pub enum Error {
 
 fn broker_message(s: &tonic::Status) -> String {
     use tonic::Code;
+    // A status made on our side from a transport error (the daemon went away
+    // mid-call, or never answered) carries that error as its source; one the
+    // daemon sent has none.
+    if std::error::Error::source(s).is_some() {
+        return format!(
+            "lost the connection to keybrokerd (did it stop or restart?): {}",
+            s.message()
+        );
+    }
     let what = match s.code() {
         Code::PermissionDenied => "the broker's policy refused this request",
         Code::NotFound => "not found in the broker",
         Code::InvalidArgument => "the broker rejected the request",
         Code::Unauthenticated => "the broker could not identify this caller",
-        Code::Unavailable => "the key backend is unavailable (retry later)",
+        Code::Unavailable => "the broker or its key backend is unavailable (retry later)",
         Code::ResourceExhausted => "rate limited by the broker or its backend (retry later)",
         Code::Unimplemented => "not supported by this broker",
         _ => "the broker failed",

@@ -581,3 +581,145 @@ async fn a_registry_with_the_referrers_api_is_used_and_no_tag_is_written() {
         stderr(&out)
     );
 }
+
+/// The real keybrokerd, next to the keybroker binary cargo built.
+fn keybrokerd() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_keybroker")).with_file_name("keybrokerd");
+    assert!(
+        p.exists(),
+        "{} missing: cargo build --workspace first",
+        p.display()
+    );
+    p
+}
+
+#[tokio::test]
+async fn kill_9_of_the_daemon_mid_signing_leaves_nothing_half_written() {
+    let Some(reg) = anon_registry() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path(), "release");
+    let socket = dir.path().join("d.sock");
+    let cfg = dir.path().join("d.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nsocket = \"{}\"\n{}",
+            socket.display(),
+            config_for(&[("release", &key)])
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        std::process::Command::new(keybrokerd())
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("KEYBROKER_SOCKET")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_for = |socket: PathBuf| async move {
+        for _ in 0..500 {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("keybrokerd did not serve");
+    };
+    let mut daemon = spawn();
+    wait_for(socket.clone()).await;
+    let mut images = Vec::new();
+    for i in 0..4 {
+        let d = reg.push_image(&format!("bundle/kill{i}"), "v1").await;
+        images.push((format!("{}/bundle/kill{i}:v1", reg.addr), d));
+    }
+    // Four CLI signers in a loop (both formats), bounded to 40 runs each; the
+    // daemon is killed once 6 runs have succeeded (at most 60 s).
+    let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (image, _) in &images {
+        let (socket, image, ok) = (socket.clone(), image.clone(), ok.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..40 {
+                let out = keybroker(&socket, &["sign", &image, "--key", "release"], &[]).await;
+                if out.status.success() {
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    failures.push(stderr(&out));
+                    break;
+                }
+            }
+            failures
+        }));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ok.load(std::sync::atomic::Ordering::Relaxed) < 6 && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    daemon.kill().unwrap(); // SIGKILL
+    daemon.wait().unwrap();
+    let mut failures = Vec::new();
+    for t in tasks {
+        failures.extend(t.await.unwrap());
+    }
+    assert!(ok.load(std::sync::atomic::Ordering::Relaxed) >= 6);
+    assert!(!failures.is_empty(), "no signer noticed the kill");
+    for f in &failures {
+        // Either no daemon to connect to, or the connection cut mid-call.
+        assert!(
+            f.contains("keybrokerd is not reachable")
+                || f.contains("lost the connection to keybrokerd"),
+            "unclear error after kill -9: {f}"
+        );
+    }
+    // Whatever reached the registry is whole: every .sig layer verifies, every
+    // listed bundle referrer exists and verifies (ours and sigstore-js).
+    let client = plain_client();
+    for (image, digest) in &images {
+        let img = ImageRef::parse(image).unwrap().with_digest(digest);
+        let layers = match client
+            .get_manifest(
+                &img,
+                &keybroker_client::cosign::signature_tag(digest),
+                "application/vnd.oci.image.manifest.v1+json",
+            )
+            .await
+            .unwrap()
+        {
+            Some((body, _)) => serde_json::from_slice::<Value>(&body).unwrap()["layers"]
+                .as_array()
+                .unwrap()
+                .len(),
+            None => 0,
+        };
+        if layers > 0 {
+            let v = keybroker_client::cosign::verify_image(&client, &img, &key.public_pem)
+                .await
+                .unwrap();
+            assert_eq!(v.len(), layers, "{image}: a .sig layer does not verify");
+        }
+        let (_, found) = bundle::find(&client, &img, digest).await.unwrap();
+        for f in found {
+            let b = f
+                .bundle
+                .unwrap_or_else(|e| panic!("{image}: listed referrer unreadable: {e}"));
+            bundle::verify(&b, &key.public_pem, digest).unwrap();
+            let (ok, js) = sigstore_js(&b, &key, digest);
+            assert!(ok, "{js}");
+        }
+    }
+    // The restarted daemon takes over the stale socket and signs again.
+    assert!(
+        socket.exists(),
+        "the killed daemon's socket file is left behind"
+    );
+    let mut daemon = spawn();
+    wait_for(socket.clone()).await;
+    let out = keybroker(&socket, &["sign", &images[0].0, "--key", "release"], &[]).await;
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
