@@ -365,9 +365,14 @@ TOML
   pm push --quiet --tls-verify=false --digestfile "$c/digest" "$tag" "docker://$self" >/dev/null
   digest=$(cat "$c/digest")
   "$bin/keybroker" --socket "$sock" sign "$self" --key release -a commit="$revision" -a repo=keybroker
-  "$bin/keybroker" verify "$self" --key "$keys/cosign.pub" 2>/dev/null > "$c/verified.json"
+  # Both formats were written (the default): the classic payload names the
+  # digest, and the bundle's statement has it as its subject.
+  "$bin/keybroker" verify "$self" --key "$keys/cosign.pub" --prefer classic 2>/dev/null > "$c/verified.json"
   grep -q "\"docker-manifest-digest\":\"$digest\"" "$c/verified.json" \
     || fail "verified payload is not for the pushed digest $digest: $(cat "$c/verified.json")"
+  "$bin/keybroker" verify "$self" --key "$keys/cosign.pub" --prefer bundle 2>/dev/null > "$c/verified.json"
+  grep -q "\"sha256\":\"${digest#sha256:}\"" "$c/verified.json" \
+    || fail "verified statement is not about the pushed digest $digest: $(cat "$c/verified.json")"
   say "keybroker image $self@$digest pushed, signed by its own daemon, verified"
 
   # The Kubernetes probe command, inside the container.

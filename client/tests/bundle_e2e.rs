@@ -723,3 +723,65 @@ async fn kill_9_of_the_daemon_mid_signing_leaves_nothing_half_written() {
     daemon.wait().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// sigstore-rs 0.15 finds bundles with oci-client's `pull_referrers` (API,
+/// else the tag schema on a 404); it only accepts keyless bundles, so it
+/// proves discovery here, and sigstore-js proves the signatures.
+#[tokio::test]
+async fn oci_client_as_sigstore_rs_uses_it_discovers_our_referrers_both_ways() {
+    let Some(reg) = anon_registry() else { return };
+    let proxy = ReferrersProxy::start(&reg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path(), "release");
+    let broker = TestBroker::start(&config_for(&[("release", &key)])).await;
+    let oci = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    for (addr, how) in [
+        (reg.addr.clone(), "tag schema"),
+        (proxy.addr.clone(), "API"),
+    ] {
+        let target = TestRegistry {
+            addr: addr.clone(),
+            credentials: None,
+        };
+        let digest = target.push_image("bundle/discovery", "v1").await;
+        let image = format!("{addr}/bundle/discovery:v1");
+        let out = keybroker(
+            &broker.socket,
+            &["sign", &image, "--key", "release", "--format", "bundle"],
+            &[],
+        )
+        .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let reference: oci_client::Reference =
+            format!("{addr}/bundle/discovery@{digest}").parse().unwrap();
+        let index = oci
+            .pull_referrers(&reference, Some(bundle::BUNDLE_MEDIA_TYPE))
+            .await
+            .unwrap();
+        assert_eq!(index.manifests.len(), 1, "{how}: {:?}", index.manifests);
+        let entry = &index.manifests[0];
+        assert_eq!(
+            entry.artifact_type.as_deref(),
+            Some(bundle::BUNDLE_MEDIA_TYPE),
+            "{how}"
+        );
+        let predicate = entry
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(bundle::PREDICATE_TYPE_ANNOTATION));
+        assert_eq!(
+            predicate.map(String::as_str),
+            Some(bundle::COSIGN_SIGN_V1),
+            "{how}"
+        );
+        // Other artifact types are filtered out, as a verifier asking for SBOMs sees none.
+        let none = oci
+            .pull_referrers(&reference, Some("application/spdx+json"))
+            .await
+            .unwrap();
+        assert!(none.manifests.is_empty(), "{how}");
+    }
+}
