@@ -443,14 +443,7 @@ fn to_token(raw: BTreeMap<String, serde_json::Value>) -> Token {
 /// `*` matches any run of characters (slashes and colons included: claim values
 /// such as `repo:acme/api:ref:refs/heads/main` are not paths).
 pub fn claim_match(pattern: &str, value: &str) -> bool {
-    fn m(p: &[u8], s: &[u8]) -> bool {
-        match p {
-            [] => s.is_empty(),
-            [b'*', rest @ ..] => (0..=s.len()).any(|i| m(rest, &s[i..])),
-            [c, rest @ ..] => s.first() == Some(c) && m(rest, &s[1..]),
-        }
-    }
-    m(pattern.as_bytes(), value.as_bytes())
+    crate::policy::wildcard_match(pattern.as_bytes(), value.as_bytes(), false)
 }
 
 #[cfg(test)]

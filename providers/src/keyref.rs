@@ -281,6 +281,11 @@ impl KeyRef {
 impl fmt::Display for KeyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // A path holding "://" would read back as a scheme: keep its file:// form
+            // (such a path can only have come from file://, so it is absolute).
+            KeyRef::File(p) if p.to_string_lossy().contains("://") => {
+                write!(f, "file://{}", p.display())
+            }
             KeyRef::File(p) => write!(f, "{}", p.display()),
             KeyRef::Env(v) => write!(f, "env://{v}"),
             KeyRef::Kubernetes { namespace, name } => write!(f, "k8s://{namespace}/{name}"),
@@ -316,6 +321,16 @@ impl fmt::Debug for KeyRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the keyref fuzz target: printed as a plain path, this read
+    /// back as an unknown scheme `/etc/e`.
+    #[test]
+    fn a_file_path_holding_a_scheme_separator_prints_as_file_url() {
+        let r = KeyRef::parse("file:///etc/e:///release.key").unwrap();
+        assert_eq!(r, KeyRef::File(PathBuf::from("/etc/e:///release.key")));
+        assert_eq!(r.to_string(), "file:///etc/e:///release.key");
+        assert_eq!(KeyRef::parse(&r.to_string()).unwrap(), r);
+    }
 
     #[test]
     fn parses_every_scheme_of_the_design() {
