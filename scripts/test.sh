@@ -77,4 +77,7 @@ scripts/smoke.sh "$KEYBROKER_TEST_REGISTRY"
 echo "== deploy: systemd units and activation, Kubernetes manifests, container image"
 KEYBROKER_STATIC_BIN_DIR=$static_dir scripts/deploy-test.sh
 
+echo "== fuzz: a 30 s smoke run of every cargo-fuzz target (fuzz/, nightly; docs/RELIABILITY.md)"
+scripts/fuzz.sh smoke "${KEYBROKER_FUZZ_SMOKE_SECS:-30}"
+
 echo "== test suite finished in $(( $(date +%s) - started )) s"
