@@ -9,7 +9,8 @@
 #                                         fuzz/target/cmin/TARGET (pick from there what to commit)
 #   scripts/fuzz.sh list                  the targets
 #
-# Runs start from the committed seeds in fuzz/corpus/TARGET and write what they
+# Runs start from the committed seeds in fuzz/corpus/TARGET (and replay the past
+# findings kept in fuzz/artifacts-keep/TARGET) and write what they
 # find to fuzz/target/corpus/TARGET, so the committed corpora stay small; crash
 # inputs land in fuzz/artifacts/TARGET/. Per target the summary prints execs/s,
 # total execs and the corpus size (files/bytes) before and after.
@@ -83,6 +84,8 @@ run_one() {
     # machine, niced. -rss_limit_mb: scrypt at the largest accepted N takes 128 MiB.
     local seeds=() start=$SECONDS
     [ -d "$FUZZ/corpus/$t" ] && seeds=("$FUZZ/corpus/$t")
+    # Past findings (fixed since) are replayed by every run.
+    [ -d "$FUZZ/artifacts-keep/$t" ] && seeds+=("$FUZZ/artifacts-keep/$t")
     "$bin" "$WORK/$t" "${seeds[@]}" \
         -max_total_time="$secs" -timeout=60 -rss_limit_mb=2048 -max_len=65536 \
         -print_final_stats=1 -artifact_prefix="$FUZZ/artifacts/$t/" >"$log" 2>&1 || rc=$?
