@@ -256,29 +256,48 @@ impl Registry {
         subject: &Descriptor,
         new: NewReferrer<'_>,
     ) -> Result<(Descriptor, Discovery), Error> {
-        self.push_blob(img, EMPTY_CONFIG).await?;
-        self.push_blob(img, new.blob).await?;
         let manifest = referrer_manifest(subject, &new);
         let digest = sha256_digest(&manifest);
         let url = format!("{}/manifests/{digest}", self.base(img));
         let body = bytes_of(&manifest);
-        let resp = self
-            .send(img, true, |h| {
-                h.put(&url)
-                    .header(header::CONTENT_TYPE, OCI_MANIFEST)
-                    .body(body.clone())
-            })
-            .await?;
-        if !resp.status().is_success() {
+        // Distribution 2.8 (filesystem storage) sometimes loses a blob that
+        // concurrent uploads of the same content (the empty config every
+        // referrer shares) just linked, and refuses the manifest with
+        // MANIFEST_BLOB_UNKNOWN. Nothing was written: upload both blobs again,
+        // a bounded number of times (as the `.sig` path does).
+        const ATTEMPTS: u32 = 5;
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            self.push_blob(img, EMPTY_CONFIG).await?;
+            self.push_blob(img, new.blob).await?;
+            let resp = self
+                .send(img, true, |h| {
+                    h.put(&url)
+                        .header(header::CONTENT_TYPE, OCI_MANIFEST)
+                        .body(body.clone())
+                })
+                .await?;
+            if resp.status().is_success() {
+                break resp;
+            }
             let s = resp.status();
+            let text = error_text(resp).await;
+            if text.contains("MANIFEST_BLOB_UNKNOWN") && attempt < ATTEMPTS {
+                eprintln!(
+                    "keybroker: {img}: the registry lost a just-uploaded blob of a referrer; uploading again"
+                );
+                tokio::time::sleep(crate::cosign::append::settle_delay(
+                    std::time::Duration::from_millis(50 * u64::from(attempt)),
+                ))
+                .await;
+                continue;
+            }
             return Err(Self::registry_err(
                 img,
-                format!(
-                    "PUT referrer manifest answered {s}: {}",
-                    error_text(resp).await
-                ),
+                format!("PUT referrer manifest answered {s}: {text}"),
             ));
-        }
+        };
         let acknowledged = resp
             .headers()
             .get("oci-subject")
