@@ -234,7 +234,7 @@ pub async fn append_layer(
     })
 }
 
-fn warn_blob_lost(tag: &str) {
+pub(crate) fn warn_blob_lost(tag: &str) {
     eprintln!("keybroker: {tag}: the registry lost a just-uploaded blob; uploading again");
 }
 

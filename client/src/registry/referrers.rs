@@ -284,9 +284,7 @@ impl Registry {
             let s = resp.status();
             let text = error_text(resp).await;
             if text.contains("MANIFEST_BLOB_UNKNOWN") && attempt < ATTEMPTS {
-                eprintln!(
-                    "keybroker: {img}: the registry lost a just-uploaded blob of a referrer; uploading again"
-                );
+                crate::cosign::append::warn_blob_lost(&img.to_string());
                 tokio::time::sleep(crate::cosign::append::settle_delay(
                     std::time::Duration::from_millis(50 * u64::from(attempt)),
                 ))
